@@ -1,0 +1,318 @@
+# Copyright 2026 The hf-fam developers. Licensed under the Apache License, Version 2.0.
+"""The working state of TransformerFAM streams: a `transformers` `Cache` of constant size.
+
+Per decoder layer it holds a ring of the block-token keys/values of the last (M+1)*B tokens (the memory
+segments plus the current partial block), the FAM state S[l] and the keys/values of S[l]'s rows. Per row it
+holds how many real (non-padding) tokens the stream has consumed, which is all that is needed to know the
+position and block of every stored token: token i lives in ring slot i % ((M+1)*B).
+
+This file travels into converted checkpoints (``trust_remote_code=True``), so it imports nothing but
+``torch`` and ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class FamCacheLayer(CacheLayerMixin):
+    """One decoder layer's share of the stream state.
+
+    Tensors (b = batch size, W = (M+1)*B, F = fam_length):
+        keys, values: (b, W, kv_heads, head_dim) ring of block-token keys/values, rotated at their positions.
+        fam_keys, fam_values: (b, kv_heads, F, head_dim) keys/values of the rows of `fam_state`.
+        fam_state: (b, F, hidden_size) S[l], the FAM input of this layer for the current block.
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, ring_size: int):
+        super().__init__()
+        self.ring_size = ring_size
+        self.fam_keys: torch.Tensor | None = None
+        self.fam_values: torch.Tensor | None = None
+        self.fam_state: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, kv_heads, _, head_dim = key_states.shape
+        self.keys = key_states.new_zeros(batch, self.ring_size, kv_heads, head_dim)
+        self.values = value_states.new_zeros(batch, self.ring_size, kv_heads, value_states.shape[-1])
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise TypeError(
+            "A FamCache is filled by FamForCausalLM itself; it cannot serve as the cache of another model. "
+            "Pass it as `past_key_values` to a FamForCausalLM."
+        )
+
+    def get_seq_length(self) -> int:
+        raise TypeError("Ask the FamCache, not one of its layers, for the sequence length.")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.ring_size + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.ring_size
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ("keys", "values", "fam_keys", "fam_values", "fam_state")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def _apply_to_rows(self, fn) -> None:
+        for name, tensor in self.tensors().items():
+            setattr(self, name, fn(tensor))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply_to_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_to_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_to_rows(lambda t: t[indices])
+
+    def reset(self) -> None:
+        self.keys = self.values = self.fam_keys = self.fam_values = self.fam_state = None
+        self.is_initialized = False
+
+
+class FamCache(Cache):
+    """Constant-size cache of a [`FamForCausalLM`] stream (see the module docstring).
+
+    Its size stops growing once (M+1)*B tokens have been consumed. `get_seq_length()` counts every column the
+    model has consumed, padding included, which is what `generate()` slices its inputs by.
+
+    Args:
+        block_size, memory_segments, fam_length (`int`): B, M and F of the model.
+        num_hidden_layers (`int`): number of decoder layers.
+        hidden_size (`int`): width of the FAM state.
+    """
+
+    is_compileable = False
+
+    def __init__(self, block_size: int, memory_segments: int, fam_length: int, num_hidden_layers: int, hidden_size: int):
+        self.block_size = block_size
+        self.memory_segments = memory_segments
+        self.fam_length = fam_length
+        self.hidden_size = hidden_size
+        self.ring_size = (memory_segments + 1) * block_size
+        super().__init__(layers=[FamCacheLayer(self.ring_size) for _ in range(num_hidden_layers)])
+        # Per-row stream state; None until the first forward pass.
+        self.token_count: torch.Tensor | None = None  # (b,) real tokens consumed
+        self.position_offset: torch.Tensor | None = None  # (b,) added to every position (training recipe)
+        self.fam_kv_fresh: torch.Tensor | None = None  # (b,) fam_keys match fam_state and the current block
+        self.seen_columns = 0
+
+    @classmethod
+    def from_config(cls, config) -> FamCache:
+        return cls(
+            block_size=config.block_size,
+            memory_segments=config.memory_segments,
+            fam_length=config.fam_length,
+            num_hidden_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+        )
+
+    # ----------------------------------------------------------------------------------------- identity checks
+    def settings(self) -> dict[str, int]:
+        return {
+            "block_size": self.block_size,
+            "memory_segments": self.memory_segments,
+            "fam_length": self.fam_length,
+            "num_hidden_layers": len(self.layers),
+            "hidden_size": self.hidden_size,
+        }
+
+    def check_compatible(self, config, batch_size: int) -> None:
+        """Raise a `ValueError` if this cache was built for another model or another batch."""
+        expected = FamCache.from_config(config).settings()
+        if self.settings() != expected:
+            differ = {k: (v, expected[k]) for k, v in self.settings().items() if v != expected[k]}
+            raise ValueError(
+                "This FamCache was built for another FAM configuration: "
+                + ", ".join(f"{k}={have} in the cache but {want} in the model" for k, (have, want) in differ.items())
+                + ". Start a new stream with a fresh cache (past_key_values=None)."
+            )
+        if self.token_count is not None and self.batch_size != batch_size:
+            raise ValueError(
+                f"This FamCache holds {self.batch_size} stream(s) but the input has batch size {batch_size}. "
+                "Each row of a batch is its own stream: keep the batch size fixed for the life of a cache."
+            )
+
+    # ------------------------------------------------------------------------------------------- stream state
+    @property
+    def is_started(self) -> bool:
+        return self.token_count is not None
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.token_count is None else self.token_count.shape[0]
+
+    def start(self, batch_size: int, device: torch.device, position_offset: torch.Tensor | None = None) -> None:
+        self.token_count = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if position_offset is None:
+            position_offset = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.position_offset = position_offset.to(device=device, dtype=torch.long).expand(batch_size).clone()
+        self.fam_kv_fresh = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.seen_columns = 0
+
+    def set_fam_state(self, fam_state: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
+        """Set S[l] for every layer (e.g. the initial state, or a state kept from an earlier stream)."""
+        if len(fam_state) != len(self.layers):
+            raise ValueError(f"fam_state needs one tensor per layer ({len(self.layers)}), got {len(fam_state)}")
+        for layer, state in zip(self.layers, fam_state):
+            layer.fam_state = state
+        self.fam_kv_fresh = torch.zeros_like(self.fam_kv_fresh)
+
+    def fam_state(self) -> tuple[torch.Tensor, ...] | None:
+        """S[l] of every layer, each (b, F, hidden_size), or None before the stream starts."""
+        if self.layers[0].fam_state is None:
+            return None
+        return tuple(layer.fam_state for layer in self.layers)
+
+    def read_memory(self, layer_idx: int, first_token: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of tokens first_token[r] .. first_token[r] + span - 1 of each row r.
+
+        Returns two (b, kv_heads, span, head_dim) tensors, in token order. Slots of tokens with negative index hold
+        whatever the ring holds there (zeros at the start); the caller masks them.
+        """
+        layer = self.layers[layer_idx]
+        token = first_token[:, None] + torch.arange(span, device=first_token.device)
+        slot = token.remainder(self.ring_size)  # (b, span)
+        index = slot[:, :, None, None].expand(-1, -1, *layer.keys.shape[2:])
+        keys = layer.keys.gather(1, index).transpose(1, 2)
+        index = slot[:, :, None, None].expand(-1, -1, *layer.values.shape[2:])
+        values = layer.values.gather(1, index).transpose(1, 2)
+        return keys, values
+
+    def write_tokens(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, token_index: torch.Tensor) -> None:
+        """Store the keys/values (b, kv_heads, n, head_dim) of the real tokens (token_index >= 0) of a segment."""
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        rows, cols = (token_index >= 0).nonzero(as_tuple=True)
+        slots = token_index[rows, cols].remainder(self.ring_size)
+        new_keys = key_states.transpose(1, 2)[rows, cols]
+        new_values = value_states.transpose(1, 2)[rows, cols]
+        if torch.is_grad_enabled():
+            # Out of place: earlier decoder-layer calls keep references to the old ring for their backward pass
+            # (and for the recompute under gradient checkpointing).
+            layer.keys = layer.keys.index_put((rows, slots), new_keys)
+            layer.values = layer.values.index_put((rows, slots), new_values)
+        else:
+            layer.keys.index_put_((rows, slots), new_keys)
+            layer.values.index_put_((rows, slots), new_values)
+
+    def advance(self, real_tokens: torch.Tensor, columns: int, fam_recomputed: bool, completed: torch.Tensor) -> None:
+        """Account for a processed segment: real_tokens (b,) consumed, `columns` columns, blocks `completed` (b,)."""
+        self.token_count = self.token_count + real_tokens
+        self.seen_columns += columns
+        fresh = torch.ones_like(self.fam_kv_fresh) if fam_recomputed else self.fam_kv_fresh
+        self.fam_kv_fresh = fresh & ~completed
+
+    # ------------------------------------------------------------------------------------ transformers Cache API
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_columns
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.ring_size
+
+    def _apply_to_rows(self, fn) -> None:
+        for name in ("token_count", "position_offset", "fam_kv_fresh"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._apply_to_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._apply_to_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._apply_to_rows(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError("A FamCache cannot be cropped: the FAM state has already absorbed the tokens.")
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.token_count = self.position_offset = self.fam_kv_fresh = None
+        self.seen_columns = 0
+
+    # ------------------------------------------------------------------------------------------ save / restore
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the stream state to a safetensors file (written to a temporary file, then renamed)."""
+        from safetensors.torch import save_file
+
+        if not self.is_started:
+            raise ValueError("Nothing to save: this FamCache has not been used by a forward pass yet.")
+        tensors = {
+            "token_count": self.token_count,
+            "position_offset": self.position_offset,
+            "fam_kv_fresh": self.fam_kv_fresh,
+        }
+        for idx, layer in enumerate(self.layers):
+            for name, tensor in layer.tensors().items():
+                tensors[f"layers.{idx}.{name}"] = tensor
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        metadata = {"format": "hf_fam.FamCache", "settings": json.dumps(self.settings()), "seen_columns": str(self.seen_columns)}
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FamCache:
+        """Read a stream state written by `save`."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != "hf_fam.FamCache":
+                raise ValueError(f"{path} is not a FamCache file written by FamCache.save")
+            cache = cls(**json.loads(metadata["settings"]))
+            cache.seen_columns = int(metadata["seen_columns"])
+            for name in ("token_count", "position_offset", "fam_kv_fresh"):
+                setattr(cache, name, f.get_tensor(name))
+            for key in f.keys():
+                if key.startswith("layers."):
+                    _, idx, name = key.split(".", 2)
+                    layer = cache.layers[int(idx)]
+                    setattr(layer, name, f.get_tensor(key))
+            for layer in cache.layers:
+                if layer.keys is not None:
+                    layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
+                    layer.is_initialized = True
+        return cache
+
+
+__all__ = ["FamCache", "FamCacheLayer"]

@@ -1,0 +1,103 @@
+# Copyright 2026 The hf-fam developers. Licensed under the Apache License, Version 2.0.
+"""TransformerFAM configuration.
+
+This file travels into converted checkpoints (``trust_remote_code=True``), so it imports
+nothing but ``transformers``.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+FAM_PROMPT_INITS = ("random_tokens", "token_ids", "normal")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    # bool is an int subclass; `block_size=True` is a mistake, not a block of one token
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def validate_fam_settings(block_size, memory_segments, fam_length) -> None:
+    """Raise a `ValueError` naming the field when a FAM setting is out of range."""
+    _check_int("block_size", block_size, 1)
+    _check_int("memory_segments", memory_segments, 0)
+    _check_int("fam_length", fam_length, 0)
+    if fam_length > block_size:
+        raise ValueError(
+            f"fam_length must be <= block_size, got fam_length={fam_length} and block_size={block_size}: "
+            "the FAM carries the positions of the last fam_length tokens of the block it compressed"
+        )
+
+
+class FamConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`FamForCausalLM`]: the base decoder's own configuration plus the FAM settings.
+
+    Attributes of the base configuration (`hidden_size`, `num_hidden_layers`, `vocab_size`, ...) are readable
+    directly on this object; they are stored once, in `text_config`.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`):
+            Configuration of the base decoder (a supported `model_type`, e.g. `llama`, `qwen2`, `gemma2`).
+        block_size (`int`, defaults to 1024):
+            B: tokens per block of block sliding window attention.
+        memory_segments (`int`, defaults to 3):
+            M: previous blocks whose keys/values each block attends to (the memory segments).
+        fam_length (`int`, defaults to 64):
+            F: rows of feedback attention memory per layer. 0 gives plain block sliding window attention.
+        fam_prompt_init (`str`, defaults to `"random_tokens"`):
+            How the FAM prompt P is initialised when it is not loaded from a checkpoint: `"random_tokens"`
+            (`embed_tokens` of `fam_length` token ids drawn with `fam_prompt_seed`), `"token_ids"`
+            (`embed_tokens(fam_prompt_token_ids)`) or `"normal"` (N(0, initializer_range)).
+        fam_prompt_token_ids (`list[int]`, *optional*):
+            Token ids for `fam_prompt_init="token_ids"`; exactly `fam_length` of them.
+        fam_prompt_seed (`int`, defaults to 0):
+            Seed for the `"random_tokens"` and `"normal"` initialisations.
+    """
+
+    model_type = "fam"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    block_size: int = 1024
+    memory_segments: int = 3
+    fam_length: int = 64
+    fam_prompt_init: str = "random_tokens"
+    fam_prompt_token_ids: list[int] | None = None
+    fam_prompt_seed: int = 0
+
+    def __post_init__(self, **kwargs):
+        # The parent sets the attention implementation recursively, None included; keep the base's own choice (a
+        # converted model shares its base configuration object with the decoder layers that read it).
+        base_attention = getattr(self.text_config, "_attn_implementation_internal", None)
+        super().__post_init__(**kwargs)
+        if base_attention is not None and kwargs.get("attn_implementation") is None:
+            self.text_config._attn_implementation_internal = base_attention
+        validate_fam_settings(self.block_size, self.memory_segments, self.fam_length)
+        if self.fam_prompt_init not in FAM_PROMPT_INITS:
+            raise ValueError(f"fam_prompt_init must be one of {FAM_PROMPT_INITS}, got {self.fam_prompt_init!r}")
+        if self.fam_prompt_init == "token_ids":
+            ids = self.fam_prompt_token_ids
+            if ids is None or len(ids) != self.fam_length:
+                raise ValueError(
+                    f"fam_prompt_init='token_ids' needs fam_prompt_token_ids with exactly fam_length={self.fam_length} "
+                    f"ids, got {ids!r}"
+                )
+
+    def __getattr__(self, name):
+        # Only called when normal lookup fails: answer public attributes from the base configuration.
+        if name.startswith("_") or name == "text_config":
+            raise AttributeError(name)
+        text_config = self.__dict__.get("text_config")
+        if text_config is None or isinstance(text_config, dict):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        try:
+            return getattr(text_config, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}") from None
+
+
+__all__ = ["FamConfig"]

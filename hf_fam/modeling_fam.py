@@ -1,0 +1,602 @@
+# Copyright 2026 The hf-fam developers. Licensed under the Apache License, Version 2.0.
+"""TransformerFAM on top of a pretrained decoder (Hwang et al., "TransformerFAM: Feedback attention is working
+memory", arXiv 2404.09173), implementing the rules of FAM_SPEC.md section 2.
+
+The base model's embedding, decoder layers, final norm and head are reused as they are. Per block t and layer l,
+the layer is called on the rows [S[l] ; X[l]_t] (FAM first, rule 2); the keys/values of the memory segments and of
+earlier parts of the current block reach its attention through `past_key_values.update`, which every supported
+attention module calls (rule 3); a 4D mask built with transformers' mask functions gives the attention pattern of
+rule 4; the layer's output on the FAM rows becomes S[l] when the block completes (rule 5); logits come from block
+rows only (rule 6).
+
+This file travels into converted checkpoints (``trust_remote_code=True``), so it imports nothing but ``torch``,
+``transformers`` and its sibling files.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .cache_fam import FamCache
+from .configuration_fam import FamConfig
+
+
+logger = logging.get_logger(__name__)
+
+# Families whose decoder layers this file drives, each checked by the test-suite against the spec's rule 7.
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+)
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+# Rotary types whose frequencies depend on the current call's length: fixed once per model (rule 7).
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# Marker token index of FAM rows in the per-row index tables below; padding is -1, tokens are >= 0.
+_FAM = -2
+_PAD = -1
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model cannot be turned into a TransformerFAM model."""
+
+
+def check_supported_config(config) -> None:
+    """Raise `UnsupportedArchitectureError` unless `config` describes a supported decoder-only family."""
+    model_type = getattr(config, "model_type", None)
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"'{model_type}' is an encoder-decoder model; hf-fam converts decoder-only language models: {supported}."
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"model_type '{model_type}' is not supported by hf-fam. Supported decoder families: {supported}."
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedArchitectureError(
+            f"'{model_type}' with use_bidirectional_attention=True is not a causal decoder; hf-fam needs a causal one."
+        )
+    for layer_type in _layer_types(config):
+        if layer_type not in ("full_attention", "sliding_attention"):
+            raise UnsupportedArchitectureError(
+                f"layer type '{layer_type}' of '{model_type}' is not supported; hf-fam handles full_attention and "
+                "sliding_attention layers."
+            )
+
+
+def _layer_types(config) -> list[str]:
+    """The attention type of each decoder layer, as the base model's own forward decides it."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return list(layer_types)
+    # mistral, mixtral, phi3: one window for every layer when `sliding_window` is set
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
+class FamPrompt(nn.Module):
+    """The learnable FAM prompt P (rule 1): `weight` is (fam_length, hidden_size), in the output space of
+    `embed_tokens`. It is the only tensor TransformerFAM adds to the base model."""
+
+    def __init__(self, fam_length: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(fam_length, hidden_size))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        """(batch_size, fam_length, hidden_size) view of the prompt."""
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def extra_repr(self) -> str:
+        return f"fam_length={self.weight.shape[0]}, hidden_size={self.weight.shape[1]}"
+
+
+class _BlockKeyValues:
+    """Stands in for `past_key_values` during one decoder-layer call on one block segment.
+
+    The attention module hands it the keys/values of the rows it was called on ([FAM rows ;] segment rows) and gets
+    back the full key/value set of the segment: [memory | FAM rows | segment rows], the layout the mask describes.
+    It only records what it was given, so a recompute under gradient checkpointing sees exactly the same keys.
+    """
+
+    def __init__(self, memory, fam_cached, fam_length: int, fam_rows_in_call: bool):
+        self.memory = memory  # (keys, values) of earlier tokens, each (b, kv_heads, V, d), or None
+        self.fam_cached = fam_cached  # (keys, values) of S[l]'s rows when they are not part of the call
+        self.fam_length = fam_length
+        self.fam_rows_in_call = fam_rows_in_call
+        self.call_keys = self.call_values = None
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        self.call_keys, self.call_values = key_states, value_states
+        keys, values = [], []
+        if self.memory is not None:
+            keys.append(self.memory[0])
+            values.append(self.memory[1])
+        if self.fam_cached is not None:
+            keys.append(self.fam_cached[0])
+            values.append(self.fam_cached[1])
+        keys.append(key_states)
+        values.append(value_states)
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+    def split(self):
+        """((fam_keys, fam_values) or None, (block_keys, block_values)) of the rows of the call."""
+        if not self.fam_rows_in_call:
+            return None, (self.call_keys, self.call_values)
+        f = self.fam_length
+        fam = (self.call_keys[:, :, :f], self.call_values[:, :, :f])
+        return fam, (self.call_keys[:, :, f:], self.call_values[:, :, f:])
+
+
+@dataclass
+class _Segment:
+    """Columns [start, end) of the input in which no row crosses a block boundary.
+
+    Per-row tensors (b = batch): `token_index` (b, n) is each column's index in its row's stream, -1 for padding;
+    `block` (b,) is the 0-based index of the row's current block; `completes` (b,) whether that block ends with this
+    segment; `memory_start` (b,) the stream index of the first earlier token read back from the cache, `memory_span`
+    how many are read per row.
+    """
+
+    start: int
+    end: int
+    token_index: torch.Tensor
+    block: torch.Tensor
+    completes: torch.Tensor
+    real_tokens: torch.Tensor
+    fam_rows: bool
+    memory_start: torch.Tensor
+    memory_span: int
+    position_ids: torch.Tensor = None
+    masks: dict = None
+    position_embeddings: dict = None
+
+
+class FamPreTrainedModel(PreTrainedModel):
+    config_class = FamConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+    _is_stateful = True
+    # Every supported family ties (when its config says so) exactly these two keys.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, FamPrompt):
+            self._init_fam_prompt(module)
+        else:
+            super()._init_weights(module)
+
+    def _init_fam_prompt(self, module: FamPrompt) -> None:
+        config = self.config
+        fam_length, hidden_size = module.weight.shape
+        if fam_length == 0:
+            return
+        generator = torch.Generator().manual_seed(config.fam_prompt_seed)
+        if config.fam_prompt_init == "normal":
+            std = getattr(config, "initializer_range", 0.02)
+            values = torch.randn(fam_length, hidden_size, generator=generator) * std
+            init.copy_(module.weight, values.to(module.weight.dtype))
+            return
+        if config.fam_prompt_init == "token_ids":
+            ids = torch.tensor(config.fam_prompt_token_ids, dtype=torch.long)
+        else:  # random_tokens
+            ids = torch.randint(0, config.vocab_size, (fam_length,), generator=generator)
+        embed = self.get_input_embeddings()
+        # Rule 1: the prompt lives after any embedding scaling, so it is embed_tokens(ids), not raw rows.
+        init.copy_(module.weight, embed(ids.to(embed.weight.device)).to(module.weight.dtype))
+
+
+class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
+    """A pretrained causal LM run as TransformerFAM: block sliding window attention plus feedback attention memory.
+
+    State-dict keys are the base model's own (`model.*`, `lm_head.weight`) plus `fam_prompt.weight`.
+
+    Args:
+        config ([`FamConfig`]): FAM settings and the base configuration.
+        base_model (`PreTrainedModel`, *optional*): a loaded causal LM of `config.text_config`'s family whose
+            modules are reused (shared, not copied). Without it, a base model is built from the configuration.
+    """
+
+    def __init__(self, config: FamConfig, base_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        check_supported_config(config.text_config)
+        if base_model is None:
+            base_model = AutoModelForCausalLM.from_config(config.text_config)
+        decoder, lm_head = getattr(base_model, "model", None), getattr(base_model, "lm_head", None)
+        if decoder is None or lm_head is None or not hasattr(decoder, "layers") or not hasattr(decoder, "rotary_emb"):
+            raise UnsupportedArchitectureError(
+                f"{type(base_model).__name__} does not have the model.{{embed_tokens,layers,norm,rotary_emb}} + lm_head "
+                f"layout of the supported families ({', '.join(SUPPORTED_MODEL_TYPES)})."
+            )
+        self.model = decoder
+        self.lm_head = lm_head
+        # The layers read their attention implementation from this object: make it the one FamConfig holds.
+        config.text_config = decoder.config
+        self.fam_prompt = FamPrompt(config.fam_length, config.hidden_size)
+        for layer in self.model.layers:
+            # Memory keys/values enter attention through `past_key_values`; our stand-in only records what it is
+            # given, so the layers may keep it under gradient checkpointing (the recompute reads the same keys).
+            layer._can_checkpoint_with_cache = True
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------- accessors
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model
+
+    @property
+    def layer_types(self) -> list[str]:
+        return _layer_types(self.config.text_config)
+
+    def new_cache(self) -> FamCache:
+        """An empty stream cache for this model (a `transformers` `Cache`)."""
+        return FamCache.from_config(self.config)
+
+    # -------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        fam_position_offset: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, n)`): token ids; or pass `inputs_embeds`.
+            attention_mask (`torch.Tensor` of shape `(batch, past + n)` or `(batch, n)`): 1 for real tokens, 0 for
+                padding. Padding is never a key and does not count as a token of the stream.
+            position_ids: ignored. Positions follow each row's count of real tokens (spec section 2), so padding and
+                chunking never move a block boundary.
+            past_key_values ([`FamCache`], *optional*): the stream state to continue. An empty `DynamicCache` (what
+                `generate()` makes by default) is replaced by a `FamCache`.
+            labels (`torch.LongTensor` of shape `(batch, n)`): causal-LM targets, -100 to ignore.
+            use_cache (`bool`): return the `FamCache` to continue the stream.
+            logits_to_keep (`int` or `torch.Tensor`): as in the base model's causal-LM head.
+            output_hidden_states (`bool`): return the hidden states of the block rows after the embedding and after
+                every layer (the last one normed).
+            fam_position_offset (`int` or `torch.LongTensor` of shape `(batch,)`): added to every position of a new
+                stream (the training recipe's random position offset). Only read when the stream starts.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        self._check_attention_implementation()
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        batch, columns = inputs_embeds.shape[:2]
+        if columns == 0:
+            raise ValueError("The input has no tokens (sequence length 0).")
+        use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+
+        cache = self._stream_cache(past_key_values, batch, inputs_embeds, fam_position_offset)
+        real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
+        hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
+
+        hidden_states = self.model.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache if use_cache else None,
+            hidden_states=all_hidden if output_hidden_states else None,
+        )
+
+    def _check_attention_implementation(self) -> None:
+        implementation = self.model.config._attn_implementation
+        if implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attn_implementation='{implementation}' cannot be used with TransformerFAM, whose attention pattern "
+                f"is a 4D mask (flash kernels ignore those). Use one of {SUPPORTED_ATTENTION}, e.g. "
+                "model.set_attn_implementation('sdpa')."
+            )
+
+    def _stream_cache(self, past_key_values, batch, inputs_embeds, fam_position_offset) -> FamCache:
+        if past_key_values is None or (
+            isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0
+        ):
+            cache = self.new_cache()
+        elif isinstance(past_key_values, FamCache):
+            cache = past_key_values
+        else:
+            raise TypeError(
+                f"past_key_values must be a FamCache (or None), got {type(past_key_values).__name__}. "
+                "A FamForCausalLM keeps its stream state in a FamCache: pass the one a previous call returned."
+            )
+        cache.check_compatible(self.config, batch)
+        if not cache.is_started:
+            offset = None
+            if fam_position_offset is not None:
+                offset = torch.as_tensor(fam_position_offset, dtype=torch.long, device=inputs_embeds.device)
+                if offset.ndim > 1 or (offset.ndim == 1 and offset.shape[0] not in (1, batch)):
+                    raise ValueError(f"fam_position_offset must be an int or a (batch,) tensor, got shape {offset.shape}")
+            cache.start(batch, inputs_embeds.device, offset)
+            if self.config.fam_length > 0 and cache.fam_state() is None:
+                cache.set_fam_state(self.initial_fam_state(batch, cache.position_offset))
+        return cache
+
+    @staticmethod
+    def _real_token_mask(attention_mask, batch, columns, device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(batch, columns, dtype=torch.bool, device=device)
+        if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < columns:
+            raise ValueError(
+                "attention_mask must be 2D (batch, past + new columns) with 1 for tokens and 0 for padding, got shape "
+                f"{tuple(attention_mask.shape)} for an input of shape ({batch}, {columns})."
+            )
+        return attention_mask[:, -columns:].to(device=device) != 0
+
+    # ------------------------------------------------------------------------------------------ rule 1
+    def initial_fam_state(self, batch_size: int, position_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """S0[l] for every layer l: the inputs of each layer when the FAM prompt alone runs through the decoder,
+        with bidirectional attention among its F rows and positions -F .. -1 (+ offset). Each is (b, F, hidden)."""
+        fam_length = self.config.fam_length
+        prompt = self.fam_prompt.weight
+        if position_offset is None or bool((position_offset == position_offset[0]).all()):
+            rows = 1  # S0 is the same for every row: compute it once
+            offset = 0 if position_offset is None else position_offset[:1]
+        else:
+            rows, offset = batch_size, position_offset
+        positions = torch.arange(-fam_length, 0, device=prompt.device)[None, :] + torch.as_tensor(offset).reshape(-1, 1)
+        positions = positions.to(prompt.device).expand(rows, -1)
+        hidden = self.fam_prompt(rows)
+        everything = torch.ones(rows, fam_length, dtype=torch.bool, device=prompt.device)
+        mask = self._build_mask(lambda b, h, q, k: everything[b, q] & everything[b, k], rows, fam_length, fam_length, hidden.dtype)
+        position_embeddings = self._position_embeddings(hidden, positions)
+        states = []
+        for layer, layer_type in zip(self.model.layers, self.layer_types):
+            states.append(hidden)
+            hidden = self._call_layer(layer, hidden, mask, position_embeddings[layer_type], positions, None)
+        return tuple(state.expand(batch_size, -1, -1) for state in states)
+
+    # ------------------------------------------------------------------------------------- rules 2 to 6
+    def _run_blocks(self, inputs_embeds, real, cache: FamCache, output_hidden_states: bool):
+        """Run the input through the decoder block segment by block segment, continuing `cache`'s streams.
+
+        Returns the last layer's output on the block rows, (b, n, hidden), and, if asked, the block rows' hidden
+        states after the embedding and after every layer.
+        """
+        block_size = self.config.block_size
+        token_index = torch.where(real, cache.token_count[:, None] + real.cumsum(1) - 1, _PAD)
+        # A segment ends after every column where some row completes a block, so no row crosses a boundary inside one.
+        ends_block = real & ((token_index + 1) % block_size == 0)
+        cuts = (ends_block.any(0).nonzero().flatten() + 1).tolist()
+        bounds = sorted({0, real.shape[1], *cuts})
+
+        outputs, hidden_per_layer = [], []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], start, end, inputs_embeds)
+            hidden = inputs_embeds[:, start:end]
+            seen = [hidden]
+            for layer_idx, layer in enumerate(self.model.layers):
+                hidden = self._block_layer(layer, layer_idx, hidden, segment, cache)
+                if output_hidden_states:
+                    seen.append(hidden)
+            cache.advance(segment.real_tokens, end - start, segment.fam_rows, segment.completes)
+            outputs.append(hidden)
+            hidden_per_layer.append(seen)
+        all_hidden = None
+        if output_hidden_states:
+            all_hidden = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*hidden_per_layer))
+        return torch.cat(outputs, dim=1), all_hidden
+
+    def _plan_segment(self, cache: FamCache, token_index, real, start, end, inputs_embeds) -> _Segment:
+        B, M, F = self.config.block_size, self.config.memory_segments, self.config.fam_length
+        device = token_index.device
+        count_before = cache.token_count
+        real_tokens = real.sum(1)
+        count_after = count_before + real_tokens
+        block = count_before // B
+        completes = (real_tokens > 0) & (count_after % B == 0)
+        # FAM rows join the call when a block completes (to compute the new S, rule 5) or when the keys of S are not
+        # cached yet for the current block (rule 3); otherwise their cached keys/values serve the block rows.
+        fam_rows = F > 0 and bool(completes.any() or not cache.fam_kv_fresh.all())
+        # Earlier tokens still visible: memory segments plus the part of the current block before this segment.
+        memory_start = torch.clamp((block - M) * B, min=0)
+        memory_span = int((count_before - memory_start).max())
+        memory_start = count_before - memory_span  # same span for every row; extra slots are masked
+        segment = _Segment(start, end, token_index, block, completes, real_tokens, fam_rows, memory_start, memory_span)
+
+        n = end - start
+        batch = token_index.shape[0]
+        fam_index = torch.full((batch, F), _FAM, dtype=torch.long, device=device)
+        memory_index = memory_start[:, None] + torch.arange(memory_span, device=device)
+        memory_index = torch.where(memory_index >= 0, memory_index, _PAD)
+        query_index = torch.cat([fam_index, token_index], 1) if fam_rows else token_index
+        key_index = torch.cat([memory_index, fam_index, token_index], 1)
+        # Padding queries attend to themselves only (their output is discarded) so no softmax row is empty.
+        query_column = torch.cat([torch.full((F,), -1, device=device), torch.arange(n, device=device)]) if fam_rows else torch.arange(n, device=device)
+        key_column = torch.cat([torch.full((memory_span + F,), -1, device=device), torch.arange(n, device=device)])
+
+        offset = cache.position_offset[:, None]
+        fam_positions = block[:, None] * B - F + torch.arange(F, device=device)  # rule 2
+        token_positions = token_index.clamp(min=0)
+        positions = torch.cat([fam_positions, token_positions], 1) if fam_rows else token_positions
+        segment.position_ids = positions + offset
+
+        segment.masks = {}
+        for window in set(self._layer_windows()):
+            mask_function = _fam_mask_function(query_index, key_index, query_column, key_column, block, B, M, window)
+            segment.masks[window] = self._build_mask(
+                mask_function, batch, query_index.shape[1], key_index.shape[1], inputs_embeds.dtype
+            )
+        segment.position_embeddings = self._position_embeddings(inputs_embeds, segment.position_ids)
+        return segment
+
+    def _block_layer(self, layer, layer_idx: int, hidden, segment: _Segment, cache: FamCache):
+        """Rules 2, 3, 5 and 6 for one decoder layer on one block segment."""
+        F = self.config.fam_length
+        state = cache.layers[layer_idx]
+        rows = torch.cat([state.fam_state, hidden], dim=1) if segment.fam_rows else hidden
+        memory = None
+        if segment.memory_span > 0:
+            memory = cache.read_memory(layer_idx, segment.memory_start, segment.memory_span)
+        fam_cached = None
+        if F > 0 and not segment.fam_rows:
+            fam_cached = (state.fam_keys, state.fam_values)
+        key_values = _BlockKeyValues(memory, fam_cached, F, segment.fam_rows)
+        layer_type = self.layer_types[layer_idx]
+        output = self._call_layer(
+            layer,
+            rows,
+            segment.masks[self._layer_windows()[layer_idx]],
+            segment.position_embeddings[layer_type],
+            segment.position_ids,
+            key_values,
+        )
+        fam_kv, block_kv = key_values.split()
+        cache.write_tokens(layer_idx, *block_kv, segment.token_index)
+        if not segment.fam_rows:
+            return output
+        state.fam_keys, state.fam_values = fam_kv
+        # Rule 5: the FAM rows' output is S[l] of the next block, only once the block is complete.
+        state.fam_state = torch.where(segment.completes[:, None, None], output[:, :F], state.fam_state)
+        return output[:, F:]
+
+    @staticmethod
+    def _call_layer(layer, hidden, attention_mask, position_embeddings, position_ids, past_key_values):
+        # Decoder layers differ in argument order: everything but the hidden states goes by keyword.
+        output = layer(
+            hidden,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+        )
+        return output[0] if isinstance(output, tuple) else output
+
+    # --------------------------------------------------------------------------------- masks and positions
+    def _layer_windows(self) -> list[int | None]:
+        """The base model's own sliding window of each layer (rule 4), None for full-attention layers."""
+        window = getattr(self.config.text_config, "sliding_window", None)
+        return [window if kind == "sliding_attention" else None for kind in self.layer_types]
+
+    def _build_mask(self, mask_function, batch, query_length, key_length, dtype):
+        mask_interface = ALL_MASK_ATTENTION_FUNCTIONS[self.model.config._attn_implementation]
+        return mask_interface(
+            batch_size=batch,
+            q_length=query_length,
+            kv_length=key_length,
+            mask_function=mask_function,
+            allow_is_causal_skip=False,
+            allow_is_bidirectional_skip=False,
+            dtype=dtype,
+            device=self.fam_prompt.weight.device,
+        )
+
+    def _position_embeddings(self, hidden, position_ids) -> dict:
+        """(cos, sin) for `position_ids` (b, q), per layer type, from the base model's rotary module."""
+        rotary = self.model.rotary_emb
+        rotary_forward = self._rotary_forward()
+        takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        embeddings = {}
+        for layer_type in set(self.layer_types):
+            extra = (layer_type,) if takes_layer_type else ()
+            embeddings[layer_type] = rotary_forward(hidden, position_ids, *extra)
+        return embeddings
+
+    def _rotary_forward(self):
+        """The rotary module's forward; for length-dependent rotary types, with frequencies fixed once (rule 7)."""
+        rotary = self.model.rotary_emb
+        rope_types = rotary.rope_type.values() if isinstance(rotary.rope_type, dict) else [rotary.rope_type]
+        if not any(kind in rope for rope in rope_types for kind in _LENGTH_DEPENDENT_ROPE):
+            return rotary
+        if not getattr(rotary, "_fam_frequencies_fixed", False):
+            # Drive the library's own update rule to the state it has for a max_position_embeddings-token sequence.
+            takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+            layer_types = set(self.layer_types) if takes_layer_type else [None]
+            probe = self.fam_prompt.weight.new_zeros(1, 1, 1)
+            last = self.config.text_config.max_position_embeddings - 1
+            for layer_type in layer_types:
+                extra = (layer_type,) if layer_type is not None else ()
+                for position in (0, last):
+                    rotary(probe, torch.tensor([[position]], device=probe.device), *extra)
+            rotary._fam_frequencies_fixed = True
+        raw_forward = inspect.unwrap(type(rotary).forward)
+
+        def fixed_forward(x, position_ids, *extra):
+            with torch.no_grad():
+                return raw_forward(rotary, x, position_ids, *extra)
+
+        return fixed_forward
+
+
+def _fam_mask_function(query_index, key_index, query_column, key_column, block, block_size, memory_segments, window):
+    """Rule 4 as a transformers mask function (batch_idx, head_idx, q_idx, kv_idx) -> bool.
+
+    query_index (b, q) / key_index (b, k) hold each row's stream index of the query/key token, -2 for FAM rows and
+    -1 for padding; query_column / key_column (q,) / (k,) the input column (-1 elsewhere); block (b,) the row's
+    current block; window the base model's sliding window of the layer, or None.
+    """
+
+    def mask_function(batch_idx, head_idx, q_idx, kv_idx):
+        query = query_index[batch_idx, q_idx]
+        key = key_index[batch_idx, kv_idx]
+        query_is_token, key_is_token = query >= 0, key >= 0
+        query_is_fam, key_is_fam = query == _FAM, key == _FAM
+        # block rows: memory segments and the current block up to themselves (causal), plus all FAM rows
+        visible = key_is_token & (key <= query) & (key // block_size >= query // block_size - memory_segments)
+        if window is not None:
+            visible = visible & (query - key < window)
+        token_sees = query_is_token & (visible | key_is_fam)
+        # FAM rows: all FAM rows and every token of the current block, later ones included; no memory segments
+        fam_sees = query_is_fam & (key_is_fam | (key_is_token & (key // block_size == block[batch_idx])))
+        padding_sees_itself = (query == _PAD) & (query_column[q_idx] == key_column[kv_idx])
+        return token_sees | fam_sees | padding_sees_itself
+
+    return mask_function
+
+
+__all__ = ["FamForCausalLM", "FamPreTrainedModel", "FamPrompt", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError"]
