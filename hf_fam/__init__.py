@@ -7,6 +7,7 @@ from .cache_fam import FamCache
 from .configuration_fam import FamConfig
 from .conversion import convert_to_fam, unconvert
 from .modeling_fam import SUPPORTED_MODEL_TYPES, FamForCausalLM, FamPrompt, UnsupportedArchitectureError
+from .streaming import stream_hidden_states, stream_log_likelihood
 
 
 __version__ = "0.1.0.dev0"
@@ -26,5 +27,7 @@ __all__ = [
     "FamPrompt",
     "UnsupportedArchitectureError",
     "convert_to_fam",
+    "stream_hidden_states",
+    "stream_log_likelihood",
     "unconvert",
 ]

@@ -1,10 +1,11 @@
 # Copyright 2026 The hf-fam developers. Licensed under the Apache License, Version 2.0.
 """The working state of TransformerFAM streams: a `transformers` `Cache` of constant size.
 
-Per decoder layer it holds a ring of the block-token keys/values of the last (M+1)*B tokens (the memory
-segments plus the current partial block), the FAM state S[l] and the keys/values of S[l]'s rows. Per row it
-holds how many real (non-padding) tokens the stream has consumed, which is all that is needed to know the
-position and block of every stored token: token i lives in ring slot i % ((M+1)*B).
+Per decoder layer it holds one key buffer and one value buffer: F slots for the keys/values of the rows of the FAM
+state S[l], then a ring of W = (M+1)*B slots for the block tokens (the memory segments plus the current block), and
+the FAM state S[l] itself. Per row it holds how many real (non-padding) tokens the stream has consumed, which is all
+that is needed to know the position and block of every stored token: token i lives in slot F + i % W. Attention
+reads the buffers in place (a decoding step copies no keys).
 
 This file travels into converted checkpoints (``trust_remote_code=True``), so it imports nothing but
 ``torch`` and ``transformers``.
@@ -23,28 +24,47 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 class FamCacheLayer(CacheLayerMixin):
     """One decoder layer's share of the stream state.
 
-    Tensors (b = batch size, W = (M+1)*B, F = fam_length):
-        keys, values: (b, W, kv_heads, head_dim) ring of block-token keys/values, rotated at their positions.
-        fam_keys, fam_values: (b, kv_heads, F, head_dim) keys/values of the rows of `fam_state`.
+    Tensors (b = batch size, F = fam_length, W = (M+1)*B):
+        keys, values: (b, kv_heads, F + W, head_dim); slots [0, F) hold the keys/values of the rows of `fam_state`,
+            slot F + (i % W) those of token i, rotated at its position.
         fam_state: (b, F, hidden_size) S[l], the FAM input of this layer for the current block.
     """
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, ring_size: int):
+    def __init__(self, fam_length: int, ring_size: int):
         super().__init__()
+        self.fam_length = fam_length
         self.ring_size = ring_size
-        self.fam_keys: torch.Tensor | None = None
-        self.fam_values: torch.Tensor | None = None
         self.fam_state: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, kv_heads, _, head_dim = key_states.shape
-        self.keys = key_states.new_zeros(batch, self.ring_size, kv_heads, head_dim)
-        self.values = value_states.new_zeros(batch, self.ring_size, kv_heads, value_states.shape[-1])
+        batch, kv_heads = key_states.shape[:2]
+        slots = self.fam_length + self.ring_size
+        self.keys = key_states.new_zeros(batch, kv_heads, slots, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
+
+    def written(self, fam_kv, block_kv, token_index: torch.Tensor, in_place: bool):
+        """The buffers after storing the keys/values of the FAM rows (each (b, kv_heads, F, d), or None) and of the
+        real tokens of a segment (each (b, kv_heads, n, d); token_index (b, n), -1 for padding).
+
+        In place when `in_place`; otherwise on copies, leaving the buffers an earlier layer call may still need for
+        its backward pass (or its recompute under gradient checkpointing) untouched.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(*block_kv)
+        keys, values = (self.keys, self.values) if in_place else (self.keys.clone(), self.values.clone())
+        if fam_kv is not None:
+            keys[:, :, : self.fam_length] = fam_kv[0]
+            values[:, :, : self.fam_length] = fam_kv[1]
+        rows, cols = (token_index >= 0).nonzero(as_tuple=True)
+        slots = self.fam_length + token_index[rows, cols].remainder(self.ring_size)
+        keys[rows, :, slots] = block_kv[0][rows, :, cols]
+        values[rows, :, slots] = block_kv[1][rows, :, cols]
+        return keys, values
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise TypeError(
@@ -62,7 +82,7 @@ class FamCacheLayer(CacheLayerMixin):
         return self.ring_size
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("keys", "values", "fam_keys", "fam_values", "fam_state")
+        names = ("keys", "values", "fam_state")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def _apply_to_rows(self, fn) -> None:
@@ -79,7 +99,7 @@ class FamCacheLayer(CacheLayerMixin):
         self._apply_to_rows(lambda t: t[indices])
 
     def reset(self) -> None:
-        self.keys = self.values = self.fam_keys = self.fam_values = self.fam_state = None
+        self.keys = self.values = self.fam_state = None
         self.is_initialized = False
 
 
@@ -103,11 +123,11 @@ class FamCache(Cache):
         self.fam_length = fam_length
         self.hidden_size = hidden_size
         self.ring_size = (memory_segments + 1) * block_size
-        super().__init__(layers=[FamCacheLayer(self.ring_size) for _ in range(num_hidden_layers)])
+        super().__init__(layers=[FamCacheLayer(fam_length, self.ring_size) for _ in range(num_hidden_layers)])
         # Per-row stream state; None until the first forward pass.
         self.token_count: torch.Tensor | None = None  # (b,) real tokens consumed
         self.position_offset: torch.Tensor | None = None  # (b,) added to every position (training recipe)
-        self.fam_kv_fresh: torch.Tensor | None = None  # (b,) fam_keys match fam_state and the current block
+        self.fam_kv_fresh: torch.Tensor | None = None  # (b,) FAM slots hold the keys of fam_state for this block
         self.seen_columns = 0
 
     @classmethod
@@ -177,38 +197,13 @@ class FamCache(Cache):
             return None
         return tuple(layer.fam_state for layer in self.layers)
 
-    def read_memory(self, layer_idx: int, first_token: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of tokens first_token[r] .. first_token[r] + span - 1 of each row r.
-
-        Returns two (b, kv_heads, span, head_dim) tensors, in token order. Slots of tokens with negative index hold
-        whatever the ring holds there (zeros at the start); the caller masks them.
-        """
-        layer = self.layers[layer_idx]
-        token = first_token[:, None] + torch.arange(span, device=first_token.device)
-        slot = token.remainder(self.ring_size)  # (b, span)
-        index = slot[:, :, None, None].expand(-1, -1, *layer.keys.shape[2:])
-        keys = layer.keys.gather(1, index).transpose(1, 2)
-        index = slot[:, :, None, None].expand(-1, -1, *layer.values.shape[2:])
-        values = layer.values.gather(1, index).transpose(1, 2)
-        return keys, values
-
-    def write_tokens(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, token_index: torch.Tensor) -> None:
-        """Store the keys/values (b, kv_heads, n, head_dim) of the real tokens (token_index >= 0) of a segment."""
-        layer = self.layers[layer_idx]
-        if not layer.is_initialized:
-            layer.lazy_initialization(key_states, value_states)
-        rows, cols = (token_index >= 0).nonzero(as_tuple=True)
-        slots = token_index[rows, cols].remainder(self.ring_size)
-        new_keys = key_states.transpose(1, 2)[rows, cols]
-        new_values = value_states.transpose(1, 2)[rows, cols]
-        if torch.is_grad_enabled():
-            # Out of place: earlier decoder-layer calls keep references to the old ring for their backward pass
-            # (and for the recompute under gradient checkpointing).
-            layer.keys = layer.keys.index_put((rows, slots), new_keys)
-            layer.values = layer.values.index_put((rows, slots), new_values)
-        else:
-            layer.keys.index_put_((rows, slots), new_keys)
-            layer.values.index_put_((rows, slots), new_values)
+    def slot_token_index(self, count: torch.Tensor, span: int) -> torch.Tensor:
+        """(b, span) stream index of the token in ring slots 0 .. span-1 of each row once `count` (b,) real tokens
+        have been stored, -1 for slots not written yet."""
+        slot = torch.arange(span, device=count.device)
+        last = count[:, None] - 1
+        token = last - (last - slot).remainder(self.ring_size)
+        return torch.where(token >= 0, token, -1)
 
     def advance(self, real_tokens: torch.Tensor, columns: int, fam_recomputed: bool, completed: torch.Tensor) -> None:
         """Account for a processed segment: real_tokens (b,) consumed, `columns` columns, blocks `completed` (b,)."""

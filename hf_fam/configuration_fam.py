@@ -70,12 +70,16 @@ class FamConfig(PreTrainedConfig):
     fam_prompt_seed: int = 0
 
     def __post_init__(self, **kwargs):
-        # The parent sets the attention implementation recursively, None included; keep the base's own choice (a
-        # converted model shares its base configuration object with the decoder layers that read it).
-        base_attention = getattr(self.text_config, "_attn_implementation_internal", None)
+        # The parent sets the attention and experts implementations recursively, None included; keep the base's own
+        # choices (a converted model shares its base configuration object with the decoder layers that read it).
+        kept = {}
+        for name in ("attn_implementation", "experts_implementation"):
+            value = getattr(self.text_config, f"_{name}_internal", None)
+            if value is not None and kwargs.get(name) is None:
+                kept[f"_{name}_internal"] = value
         super().__post_init__(**kwargs)
-        if base_attention is not None and kwargs.get("attn_implementation") is None:
-            self.text_config._attn_implementation_internal = base_attention
+        for attribute, value in kept.items():
+            setattr(self.text_config, attribute, value)
         validate_fam_settings(self.block_size, self.memory_segments, self.fam_length)
         if self.fam_prompt_init not in FAM_PROMPT_INITS:
             raise ValueError(f"fam_prompt_init must be one of {FAM_PROMPT_INITS}, got {self.fam_prompt_init!r}")

@@ -108,51 +108,14 @@ class FamPrompt(nn.Module):
         return f"fam_length={self.weight.shape[0]}, hidden_size={self.weight.shape[1]}"
 
 
-class _BlockKeyValues:
-    """Stands in for `past_key_values` during one decoder-layer call on one block segment.
-
-    The attention module hands it the keys/values of the rows it was called on ([FAM rows ;] segment rows) and gets
-    back the full key/value set of the segment: [memory | FAM rows | segment rows], the layout the mask describes.
-    It only records what it was given, so a recompute under gradient checkpointing sees exactly the same keys.
-    """
-
-    def __init__(self, memory, fam_cached, fam_length: int, fam_rows_in_call: bool):
-        self.memory = memory  # (keys, values) of earlier tokens, each (b, kv_heads, V, d), or None
-        self.fam_cached = fam_cached  # (keys, values) of S[l]'s rows when they are not part of the call
-        self.fam_length = fam_length
-        self.fam_rows_in_call = fam_rows_in_call
-        self.call_keys = self.call_values = None
-
-    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        self.call_keys, self.call_values = key_states, value_states
-        keys, values = [], []
-        if self.memory is not None:
-            keys.append(self.memory[0])
-            values.append(self.memory[1])
-        if self.fam_cached is not None:
-            keys.append(self.fam_cached[0])
-            values.append(self.fam_cached[1])
-        keys.append(key_states)
-        values.append(value_states)
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
-
-    def split(self):
-        """((fam_keys, fam_values) or None, (block_keys, block_values)) of the rows of the call."""
-        if not self.fam_rows_in_call:
-            return None, (self.call_keys, self.call_values)
-        f = self.fam_length
-        fam = (self.call_keys[:, :, :f], self.call_values[:, :, :f])
-        return fam, (self.call_keys[:, :, f:], self.call_values[:, :, f:])
-
-
 @dataclass
 class _Segment:
     """Columns [start, end) of the input in which no row crosses a block boundary.
 
     Per-row tensors (b = batch): `token_index` (b, n) is each column's index in its row's stream, -1 for padding;
-    `block` (b,) is the 0-based index of the row's current block; `completes` (b,) whether that block ends with this
-    segment; `memory_start` (b,) the stream index of the first earlier token read back from the cache, `memory_span`
-    how many are read per row.
+    `block` (b,) the 0-based index of the row's current block; `completes` (b,) whether that block ends with this
+    segment; `real_tokens` (b,) the row's tokens in the segment. Attention reads the F FAM slots and the first `span`
+    ring slots of the cache.
     """
 
     start: int
@@ -162,11 +125,35 @@ class _Segment:
     completes: torch.Tensor
     real_tokens: torch.Tensor
     fam_rows: bool
-    memory_start: torch.Tensor
-    memory_span: int
+    span: int
     position_ids: torch.Tensor = None
     masks: dict = None
     position_embeddings: dict = None
+
+
+class _BlockKeyValues:
+    """Stands in for `past_key_values` during one decoder-layer call on one block segment.
+
+    The attention module hands it the keys/values of the rows it was called on ([FAM rows ;] segment rows); it stores
+    them in the layer's buffers (FAM slots, then token i in ring slot i % W) and returns the first F + `span` slots:
+    the FAM rows and every stored token still in reach, in the layout the segment's mask describes. It reads only the
+    buffers it was created with, so a recompute under gradient checkpointing sees exactly the same keys.
+    """
+
+    def __init__(self, layer_cache, segment: _Segment, fam_length: int, in_place: bool):
+        self.layer_cache = layer_cache
+        self.segment = segment
+        self.fam_length = fam_length
+        self.in_place = in_place
+        self.keys = self.values = None
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        f = self.fam_length if self.segment.fam_rows else 0
+        fam_kv = (key_states[:, :, :f], value_states[:, :, :f]) if f else None
+        block_kv = (key_states[:, :, f:], value_states[:, :, f:])
+        self.keys, self.values = self.layer_cache.written(fam_kv, block_kv, self.segment.token_index, self.in_place)
+        visible = self.fam_length + self.segment.span
+        return self.keys[:, :, :visible], self.values[:, :, :visible]
 
 
 class FamPreTrainedModel(PreTrainedModel):
@@ -225,6 +212,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         check_supported_config(config.text_config)
         if base_model is None:
             base_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            # The base weights are loaded already: post_init must initialise the FAM prompt and nothing else.
+            for module in base_model.modules():
+                module._is_hf_initialized = True
         decoder, lm_head = getattr(base_model, "model", None), getattr(base_model, "lm_head", None)
         if decoder is None or lm_head is None or not hasattr(decoder, "layers") or not hasattr(decoder, "rotary_emb"):
             raise UnsupportedArchitectureError(
@@ -443,32 +434,22 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         # FAM rows join the call when a block completes (to compute the new S, rule 5) or when the keys of S are not
         # cached yet for the current block (rule 3); otherwise their cached keys/values serve the block rows.
         fam_rows = F > 0 and bool(completes.any() or not cache.fam_kv_fresh.all())
-        # Earlier tokens still visible: memory segments plus the part of the current block before this segment.
-        memory_start = torch.clamp((block - M) * B, min=0)
-        memory_span = int((count_before - memory_start).max())
-        memory_start = count_before - memory_span  # same span for every row; extra slots are masked
-        segment = _Segment(start, end, token_index, block, completes, real_tokens, fam_rows, memory_start, memory_span)
+        span = min(cache.ring_size, int(count_after.max()))  # ring slots written so far
+        segment = _Segment(start, end, token_index, block, completes, real_tokens, fam_rows, span)
 
-        n = end - start
         batch = token_index.shape[0]
         fam_index = torch.full((batch, F), _FAM, dtype=torch.long, device=device)
-        memory_index = memory_start[:, None] + torch.arange(memory_span, device=device)
-        memory_index = torch.where(memory_index >= 0, memory_index, _PAD)
         query_index = torch.cat([fam_index, token_index], 1) if fam_rows else token_index
-        key_index = torch.cat([memory_index, fam_index, token_index], 1)
-        # Padding queries attend to themselves only (their output is discarded) so no softmax row is empty.
-        query_column = torch.cat([torch.full((F,), -1, device=device), torch.arange(n, device=device)]) if fam_rows else torch.arange(n, device=device)
-        key_column = torch.cat([torch.full((memory_span + F,), -1, device=device), torch.arange(n, device=device)])
+        key_index = torch.cat([fam_index, cache.slot_token_index(count_after, span)], 1)
 
-        offset = cache.position_offset[:, None]
         fam_positions = block[:, None] * B - F + torch.arange(F, device=device)  # rule 2
         token_positions = token_index.clamp(min=0)
         positions = torch.cat([fam_positions, token_positions], 1) if fam_rows else token_positions
-        segment.position_ids = positions + offset
+        segment.position_ids = positions + cache.position_offset[:, None]
 
         segment.masks = {}
         for window in set(self._layer_windows()):
-            mask_function = _fam_mask_function(query_index, key_index, query_column, key_column, block, B, M, window)
+            mask_function = _fam_mask_function(query_index, key_index, block, B, M, window)
             segment.masks[window] = self._build_mask(
                 mask_function, batch, query_index.shape[1], key_index.shape[1], inputs_embeds.dtype
             )
@@ -480,27 +461,18 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         F = self.config.fam_length
         state = cache.layers[layer_idx]
         rows = torch.cat([state.fam_state, hidden], dim=1) if segment.fam_rows else hidden
-        memory = None
-        if segment.memory_span > 0:
-            memory = cache.read_memory(layer_idx, segment.memory_start, segment.memory_span)
-        fam_cached = None
-        if F > 0 and not segment.fam_rows:
-            fam_cached = (state.fam_keys, state.fam_values)
-        key_values = _BlockKeyValues(memory, fam_cached, F, segment.fam_rows)
-        layer_type = self.layer_types[layer_idx]
+        key_values = _BlockKeyValues(state, segment, F, in_place=not torch.is_grad_enabled())
         output = self._call_layer(
             layer,
             rows,
             segment.masks[self._layer_windows()[layer_idx]],
-            segment.position_embeddings[layer_type],
+            segment.position_embeddings[self.layer_types[layer_idx]],
             segment.position_ids,
             key_values,
         )
-        fam_kv, block_kv = key_values.split()
-        cache.write_tokens(layer_idx, *block_kv, segment.token_index)
+        state.keys, state.values = key_values.keys, key_values.values
         if not segment.fam_rows:
             return output
-        state.fam_keys, state.fam_values = fam_kv
         # Rule 5: the FAM rows' output is S[l] of the next block, only once the block is complete.
         state.fam_state = torch.where(segment.completes[:, None, None], output[:, :F], state.fam_state)
         return output[:, F:]
@@ -525,7 +497,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
 
     def _build_mask(self, mask_function, batch, query_length, key_length, dtype):
         mask_interface = ALL_MASK_ATTENTION_FUNCTIONS[self.model.config._attn_implementation]
-        return mask_interface(
+        mask = mask_interface(
             batch_size=batch,
             q_length=query_length,
             kv_length=key_length,
@@ -535,6 +507,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             dtype=dtype,
             device=self.fam_prompt.weight.device,
         )
+        if mask.dtype == torch.bool:
+            # sdpa would turn a boolean mask into an additive one in every layer; do it once for all layers.
+            mask = torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
 
     def _position_embeddings(self, hidden, position_ids) -> dict:
         """(cos, sin) for `position_ids` (b, q), per layer type, from the base model's rotary module."""
@@ -573,12 +549,12 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         return fixed_forward
 
 
-def _fam_mask_function(query_index, key_index, query_column, key_column, block, block_size, memory_segments, window):
+def _fam_mask_function(query_index, key_index, block, block_size, memory_segments, window):
     """Rule 4 as a transformers mask function (batch_idx, head_idx, q_idx, kv_idx) -> bool.
 
     query_index (b, q) / key_index (b, k) hold each row's stream index of the query/key token, -2 for FAM rows and
-    -1 for padding; query_column / key_column (q,) / (k,) the input column (-1 elsewhere); block (b,) the row's
-    current block; window the base model's sliding window of the layer, or None.
+    -1 for padding or empty slots; block (b,) is the row's current block; window the base model's sliding window of
+    the layer, or None.
     """
 
     def mask_function(batch_idx, head_idx, q_idx, kv_idx):
@@ -593,8 +569,8 @@ def _fam_mask_function(query_index, key_index, query_column, key_column, block, 
         token_sees = query_is_token & (visible | key_is_fam)
         # FAM rows: all FAM rows and every token of the current block, later ones included; no memory segments
         fam_sees = query_is_fam & (key_is_fam | (key_is_token & (key // block_size == block[batch_idx])))
-        padding_sees_itself = (query == _PAD) & (query_column[q_idx] == key_column[kv_idx])
-        return token_sees | fam_sees | padding_sees_itself
+        # padding queries are never keys and their outputs are dropped; let them see anything (no empty softmax row)
+        return token_sees | fam_sees | (query == _PAD)
 
     return mask_function
 

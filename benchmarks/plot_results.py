@@ -1,0 +1,55 @@
+"""Turn the benchmark CSV files in benchmarks/results/ into PNG plots.
+
+    python benchmarks/plot_results.py
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from common import RESULTS, read_csv  # noqa: E402
+
+
+COLORS = {"base": "#888888", "bswa": "#1f77b4", "fam": "#d62728"}
+LABELS = {"base": "full attention (base)", "bswa": "BSWA (F=0)", "fam": "FAM (B=1024, M=3, F=64)"}
+
+
+def _grouped_bars(ax, rows, value, ylabel, title):
+    lengths = sorted({int(r["tokens"]) for r in rows})
+    modes = [m for m in ("base", "bswa", "fam") if any(r["mode"] == m for r in rows)]
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        values = [next(float(r[value]) for r in rows if r["mode"] == mode and int(r["tokens"]) == n) for n in lengths]
+        positions = [x + (i - (len(modes) - 1) / 2) * width for x in range(len(lengths))]
+        ax.bar(positions, values, width, label=LABELS[mode], color=COLORS[mode])
+    ax.set_xticks(range(len(lengths)), [f"{n // 1024}k tokens" for n in lengths])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
+def plot_forward_cost():
+    rows = read_csv(RESULTS / "forward_cost.csv")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    _grouped_bars(axes[0], rows, "seconds", "seconds", "One forward pass, SmolLM2-135M (CPU)")
+    _grouped_bars(axes[1], rows, "peak_added_mib", "MiB", "Peak memory added by the pass")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "forward_cost.png", dpi=120)
+    plt.close(fig)
+
+
+PLOTS = {"forward_cost.csv": plot_forward_cost}
+
+
+def main():
+    for name, plot in PLOTS.items():
+        if (RESULTS / name).exists():
+            plot()
+            print(f"plotted {name}")
+
+
+if __name__ == "__main__":
+    main()

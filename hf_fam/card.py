@@ -1,0 +1,155 @@
+# Copyright 2026 The hf-fam developers. Licensed under the Apache License, Version 2.0.
+"""Facts about a converted checkpoint (sizes, receptive field, stream memory) and its model card."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+
+from .configuration_fam import FamConfig
+
+
+CARD_TEMPLATE = "templates/fam_model_card.md"
+EVAL_RESULTS_FILE = "eval_results.json"
+_DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def human_count(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return str(count)
+
+
+def stream_memory_bytes(config: FamConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of FamCache per stream (batch row): ring of (M+1)B keys/values, FAM keys/values and state, all layers."""
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    per_layer = (config.memory_segments + 1) * config.block_size * kv_heads * head_dim * 2
+    per_layer += config.fam_length * (kv_heads * head_dim * 2 + text.hidden_size)
+    return per_layer * text.num_hidden_layers * _DTYPE_BYTES.get(dtype, 4)
+
+
+def bswa_receptive_field(config: FamConfig) -> int:
+    """Tokens that can reach a token through block sliding window attention alone: depth x (M+1) x B."""
+    return config.num_hidden_layers * (config.memory_segments + 1) * config.block_size
+
+
+def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
+    """(total parameters, FAM prompt parameters) counted from the safetensors headers, without loading weights."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No .safetensors weights in {folder}")
+    total = fam = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+                if key == "fam_prompt.weight":
+                    fam += count
+    return total, fam
+
+
+def checkpoint_dtype(config: FamConfig) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def summarize(folder: str | Path) -> dict:
+    """Everything `hf-fam info` prints and the model card shows, read from a converted folder."""
+    config = FamConfig.from_pretrained(folder)
+    total, fam = checkpoint_parameters(folder)
+    dtype = checkpoint_dtype(config)
+    text = config.text_config
+    return {
+        "block_size": config.block_size,
+        "memory_segments": config.memory_segments,
+        "fam_length": config.fam_length,
+        "fam_prompt_init": config.fam_prompt_init,
+        "base_model_type": text.model_type,
+        "base_architectures": list(getattr(text, "architectures", None) or []),
+        "num_hidden_layers": text.num_hidden_layers,
+        "hidden_size": text.hidden_size,
+        "parameters": total,
+        "fam_parameters": fam,
+        "base_parameters": total - fam,
+        "bswa_receptive_field": bswa_receptive_field(config),
+        "stream_memory_bytes": stream_memory_bytes(config, dtype),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def read_eval_results(folder: str | Path) -> list[dict]:
+    path = Path(folder) / EVAL_RESULTS_FILE
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text())
+
+
+def render_model_card(
+    folder: str | Path,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    source_description: str | None = None,
+    fine_tuned: bool = False,
+) -> ModelCard:
+    """The model card of a converted (or fine-tuned) folder, with Hub metadata, from `model_cards/`' template."""
+    folder = Path(folder)
+    facts = summarize(folder)
+    tags = ["fam", "transformerfam", "long-context", "hf-fam", facts["base_model_type"]]
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license or "other",
+        tags=tags,
+    )
+    template = resources.files("hf_fam").joinpath(CARD_TEMPLATE)
+    with resources.as_file(template) as template_path:
+        return ModelCard.from_template(
+            card_data,
+            template_path=str(template_path),
+            model_name=(repo_id or folder.name).split("/")[-1],
+            repo_id=repo_id or str(folder),
+            base_model=base_model,
+            source_description=source_description or "a pretrained decoder",
+            fine_tuned=fine_tuned,
+            eval_results=read_eval_results(folder),
+            stream_memory=human_bytes(facts["stream_memory_bytes"]),
+            fam_parameters=f"{facts['fam_parameters']:,}",
+            base_parameters=f"{facts['base_parameters']:,} ({human_count(facts['base_parameters'])})",
+            bswa_receptive_field=f"{facts['bswa_receptive_field']:,}",
+            **{k: v for k, v in facts.items() if k not in ("fam_parameters", "base_parameters", "bswa_receptive_field")},
+        )
+
+
+def existing_card_data(folder: str | Path) -> dict:
+    """Metadata of the card already in `folder` (README.md), or {}."""
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        return {}
+    try:
+        return ModelCard.load(path).data.to_dict()
+    except Exception:  # an unparsable card is regenerated from scratch
+        return {}

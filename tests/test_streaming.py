@@ -1,0 +1,177 @@
+"""Constant-memory streaming: chunked calls equal one call, the cache stops growing, state save/restore, bad input."""
+
+import pytest
+import torch
+from conftest import FAMILIES, assert_logits_close, random_ids, tiny_base
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fam_core import randomize_fam_prompt
+
+import hf_fam
+from hf_fam import FamCache
+
+
+_BASES = {}
+
+
+def fam_model(family, block_size, memory_segments, fam_length, attn="eager"):
+    """A converted tiny model; the base is built once per family and shared (conversion copies no weights)."""
+    key = (family, attn)
+    if key not in _BASES:
+        _BASES[key] = tiny_base(family, attn)
+    fam = hf_fam.convert_to_fam(_BASES[key], block_size=block_size, memory_segments=memory_segments, fam_length=fam_length)
+    return randomize_fam_prompt(fam).eval()
+
+
+def run_chunked(model, ids, chunk_sizes, attention_mask=None):
+    """Logits of `ids` fed in consecutive chunks of the given sizes through one cache."""
+    cache, outputs, start = None, [], 0
+    for size in chunk_sizes:
+        end = min(start + size, ids.shape[1])
+        if end == start:
+            break
+        mask = None if attention_mask is None else attention_mask[:, :end]  # generate() passes past + new columns
+        out = model(ids[:, start:end], attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        outputs.append(out.logits)
+        start = end
+    if start < ids.shape[1]:
+        mask = None if attention_mask is None else attention_mask
+        outputs.append(model(ids[:, start:], attention_mask=mask, past_key_values=cache, use_cache=True).logits)
+    return torch.cat(outputs, dim=1)
+
+
+@st.composite
+def stream_cases(draw):
+    block_size = draw(st.integers(1, 9))
+    memory_segments = draw(st.integers(0, 3))
+    fam_length = draw(st.integers(0, min(block_size, 4)))
+    length = draw(st.integers(1, 45))
+    chunks = draw(st.lists(st.sampled_from([1, 2, 3, 7, block_size - 1, block_size, block_size + 1, 3 * block_size + 5]).filter(lambda n: n > 0), min_size=1, max_size=12))
+    return block_size, memory_segments, fam_length, length, chunks
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=stream_cases(), seed=st.integers(0, 1000))
+def test_chunked_prefill_equals_one_call_property(case, seed):
+    block_size, memory_segments, fam_length, length, chunks = case
+    model = fam_model("llama", block_size, memory_segments, fam_length)
+    ids = random_ids(2, length, seed=seed)
+    with torch.no_grad():
+        one_call = model(ids).logits
+        chunked = run_chunked(model, ids, chunks)
+    assert_logits_close(chunked, one_call, what=f"chunked {chunks} vs one call")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=stream_cases())
+def test_chunked_prefill_equals_one_call_every_family(family, case):
+    block_size, memory_segments, fam_length, length, chunks = case
+    model = fam_model(family, block_size, memory_segments, fam_length)
+    ids = random_ids(1, length)
+    with torch.no_grad():
+        assert_logits_close(run_chunked(model, ids, chunks), model(ids).logits)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 40, [7] * 6, [5, 1, 1, 9, 24], [3, 17, 20]])
+def test_chunked_with_left_padding_equals_one_call(chunks):
+    """Rows whose blocks complete at different columns each update their FAM at the right moment."""
+    model = fam_model("qwen2", 5, 1, 2)
+    ids = random_ids(3, 40)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :11] = 0
+    with torch.no_grad():
+        one_call = model(ids, attention_mask=mask).logits
+        chunked = run_chunked(model, ids, chunks, attention_mask=mask)
+    keep = mask.bool()
+    assert_logits_close(chunked[keep], one_call[keep])
+
+
+def cache_tensor_sizes(cache: FamCache):
+    sizes = {}
+    for idx, layer in enumerate(cache.layers):
+        for name, tensor in layer.tensors().items():
+            sizes[f"{idx}.{name}"] = tuple(tensor.shape)
+    for name in ("token_count", "position_offset", "fam_kv_fresh"):
+        sizes[name] = tuple(getattr(cache, name).shape)
+    return sizes
+
+
+def test_cache_stops_growing():
+    """After 2, 20 and 200 blocks the cache holds tensors of exactly the same sizes: (M+1)B ring + FAM state."""
+    B, M, F = 4, 2, 2
+    model = fam_model("llama", B, M, F)
+    ids = random_ids(1, 200 * B, seed=3)
+    cache, snapshots, consumed = None, {}, 0
+    with torch.no_grad():
+        for chunk in (ids[:, i : i + 3] for i in range(0, ids.shape[1], 3)):
+            cache = model(chunk, past_key_values=cache, use_cache=True).past_key_values
+            consumed += chunk.shape[1]
+            for blocks in (2, 20, 200):
+                if blocks not in snapshots and consumed >= blocks * B:
+                    snapshots[blocks] = cache_tensor_sizes(cache)
+    assert snapshots[2] == snapshots[20] == snapshots[200]
+    assert snapshots[200]["0.keys"] == (1, 2, F + (M + 1) * B, 16)  # (batch, kv heads, FAM + ring slots, head dim)
+    assert snapshots[200]["0.fam_state"] == (1, F, 64)
+    assert cache.get_seq_length() == 200 * B
+
+
+def test_fam_state_save_and_restore_continues_the_stream_identically(tmp_path):
+    model = fam_model("gemma2", 6, 1, 3)
+    ids = random_ids(2, 50, seed=5)
+    with torch.no_grad():
+        first = model(ids[:, :23], use_cache=True)
+        first.past_key_values.save(tmp_path / "stream.safetensors")
+        expected = model(ids[:, 23:], past_key_values=first.past_key_values, use_cache=True).logits
+        restored = FamCache.load(tmp_path / "stream.safetensors")
+        actual = model(ids[:, 23:], past_key_values=restored, use_cache=True).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_stream_log_likelihood_equals_one_call():
+    model = fam_model("mistral", 8, 1, 2)
+    ids = random_ids(1, 61, seed=7)[0]
+    chunks = [ids[:5], ids[5:6], ids[6:30], ids[30:]]
+    scored = torch.cat(list(hf_fam.stream_log_likelihood(model, chunks)), dim=1)[0]
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(ids[None]).logits.float(), dim=-1)[0]
+    expected = log_probs[:-1].gather(-1, ids[1:, None])[:, 0]
+    assert scored.shape == (60,)
+    torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stream_hidden_states_equal_one_call():
+    model = fam_model("olmo2", 8, 1, 2)
+    ids = random_ids(1, 30, seed=9)
+    states = torch.cat(list(hf_fam.stream_hidden_states(model, [ids[:, :13], ids[:, 13:]])), dim=1)
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states[-1]
+    assert_logits_close(states, expected, what="hidden states")
+
+
+def test_cache_of_another_configuration_is_refused():
+    model = fam_model("llama", 8, 1, 2)
+    other = fam_model("llama", 4, 1, 2)
+    with torch.no_grad():
+        cache = other(random_ids(1, 10), use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="block_size=4 in the cache but 8 in the model"):
+            model(random_ids(1, 5), past_key_values=cache)
+
+
+def test_batch_size_change_mid_stream_is_refused():
+    model = fam_model("llama", 8, 1, 2)
+    with torch.no_grad():
+        cache = model(random_ids(2, 10), use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="holds 2 stream"):
+            model(random_ids(3, 4), past_key_values=cache)
+
+
+def test_base_model_refuses_a_fam_cache():
+    model = fam_model("llama", 8, 1, 2)
+    with torch.no_grad():
+        cache = model(random_ids(1, 10), use_cache=True).past_key_values
+        with pytest.raises(TypeError, match="FamForCausalLM"):
+            _BASES[("llama", "eager")](random_ids(1, 3), past_key_values=cache)
