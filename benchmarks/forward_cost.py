@@ -3,8 +3,10 @@
     python benchmarks/forward_cost.py            # all cases, then the table, ratios, CSV and plot
     python benchmarks/forward_cost.py --lengths 8192
 
-Every case runs in a fresh process, so its peak memory is its own. Time is the best of --repeats passes after a
-warm-up; memory is the peak resident memory added by the pass (sampled every 5 ms). Logits are kept for the last
+Every case runs in a fresh process, so its peak memory is its own; the cases are interleaved over --rounds rounds
+(base, BSWA, FAM, base, BSWA, FAM, ...) so that drift of the machine's speed hits every mode alike. Time is the
+median over rounds of one pass after a warm-up; memory is the largest peak resident memory added by the pass
+(sampled every 5 ms). Logits are kept for the last
 position only (logits_to_keep=1) so the 49k-entry vocabulary head does not dominate the comparison. "BSWA" is the
 same hf_fam code path with fam_length=0.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from common import RESULTS, PeakMemory, load_model, machine, run_child, write_cs
 MODES = ("base", "bswa", "fam")
 
 
-def child(mode: str, length: int, repeats: int) -> dict:
+def child(mode: str, length: int) -> dict:
     import torch
 
     model = load_model(mode)
@@ -30,33 +33,42 @@ def child(mode: str, length: int, repeats: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
     with torch.no_grad():
         model(ids[:, :256], logits_to_keep=1)  # warm-up
-        times, peaks = [], []
-        for _ in range(repeats):
-            with PeakMemory() as memory:
-                start = time.perf_counter()
-                model(ids, logits_to_keep=1)
-                times.append(time.perf_counter() - start)
-            peaks.append(memory.added)
-    return {"mode": mode, "tokens": length, "seconds": min(times), "peak_added_mib": max(peaks) / 2**20}
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            seconds = time.perf_counter() - start
+    return {"mode": mode, "tokens": length, "seconds": seconds, "peak_added_mib": memory.added / 2**20}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--child", nargs=3, metavar=("MODE", "LENGTH", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, length, repeats = args.child
-        print(json.dumps(child(mode, int(length), int(repeats))))
+        mode, length = args.child
+        print(json.dumps(child(mode, int(length))))
         return
 
     rows = []
     for length in args.lengths:
+        runs = {mode: [] for mode in MODES}
+        for round_ in range(args.rounds):
+            for mode in MODES:
+                result = run_child(Path(__file__), mode, str(length))
+                runs[mode].append(result)
+                print(f"round {round_} {mode:5s} {length:6d} tokens: {result['seconds']:8.2f} s, peak +{result['peak_added_mib']:8.1f} MiB", flush=True)
         for mode in MODES:
-            result = run_child(Path(__file__), mode, str(length), str(args.repeats))
-            rows.append(result)
-            print(f"{mode:5s} {length:6d} tokens: {result['seconds']:8.2f} s, peak +{result['peak_added_mib']:8.1f} MiB", flush=True)
+            seconds = sorted(r["seconds"] for r in runs[mode])
+            rows.append({
+                "mode": mode,
+                "tokens": length,
+                "seconds": statistics.median(seconds),
+                "seconds_min": seconds[0],
+                "seconds_max": seconds[-1],
+                "peak_added_mib": max(r["peak_added_mib"] for r in runs[mode]),
+            })
 
     print(f"\nMachine: {machine()}")
     print(f"{'tokens':>7} {'FAM/BSWA time':>14} {'FAM/base time':>14} {'FAM/BSWA mem':>13} {'FAM/base mem':>13}")

@@ -41,7 +41,38 @@ def plot_forward_cost():
     plt.close(fig)
 
 
-PLOTS = {"forward_cost.csv": plot_forward_cost}
+def _lines(ax, rows, x, y, ylabel, title, modes=("base", "bswa", "fam")):
+    for mode in modes:
+        points = sorted((int(r[x]), float(r[y])) for r in rows if r["mode"] == mode)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=LABELS[mode], color=COLORS[mode])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
+def plot_stream_memory():
+    rows = read_csv(RESULTS / "stream_memory.csv")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    _lines(axes[0], rows, "tokens", "peak_added_mib", "MiB", "Peak memory added while streaming", ("base", "fam"))
+    _lines(axes[1], rows, "tokens", "cache_mib", "MiB", "Cache size at the end of the stream", ("base", "fam"))
+    fig.tight_layout()
+    fig.savefig(RESULTS / "stream_memory.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_decode_speed():
+    rows = read_csv(RESULTS / "decode_speed.csv")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _lines(ax, rows, "context", "tokens_per_second", "tokens / s", "Greedy decoding speed, SmolLM2-135M (CPU)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "decode_speed.png", dpi=120)
+    plt.close(fig)
+
+
+PLOTS = {"forward_cost.csv": plot_forward_cost, "stream_memory.csv": plot_stream_memory, "decode_speed.csv": plot_decode_speed}
 
 
 def main():

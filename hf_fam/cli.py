@@ -176,7 +176,7 @@ def cmd_convert(args) -> int:
         )
     _progress(f"Wrote {output}")
     if args.push_to_hub:
-        url = push_folder(output, args.push_to_hub, private=args.private)
+        url = push_folder(output, args.push_to_hub, private=args.private, regenerate_card=False)  # card just written
         _progress(f"Uploaded to {url}")
     return 0
 

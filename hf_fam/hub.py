@@ -35,6 +35,12 @@ def write_model_card(folder: str | Path, repo_id: str | None = None, **card_kwar
     return folder / "README.md"
 
 
+def _is_connection_error(error: Exception) -> bool:
+    # huggingface_hub's HTTP client raises its own transport errors (not OSError) for refused connections and timeouts.
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return isinstance(error, OSError) or bool(names & {"TransportError", "ConnectError", "TimeoutException", "NetworkError"})
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -42,18 +48,25 @@ def push_folder(
     private: bool = False,
     token: str | None = None,
     commit_message: str | None = None,
+    regenerate_card: bool = True,
 ) -> str:
-    """Regenerate the model card, create `repo_id` if needed and upload `folder`. Returns the commit URL."""
+    """Create `repo_id` if needed and upload `folder` (regenerating its model card first, unless told not to).
+
+    Returns the commit URL.
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise PushError(f"{folder} has no config.json: push a folder written by `hf-fam convert` or save_pretrained.")
-    write_model_card(folder, repo_id=repo_id)
+    if regenerate_card:
+        write_model_card(folder, repo_id=repo_id)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if private and not getattr(api.repo_info(repo_id), "private", True):
+            logger.warning(f"{repo_id} already exists and is public; --private only applies to new repositories.")
         commit = api.upload_folder(
             folder_path=str(folder),
             repo_id=repo_id,
@@ -69,7 +82,11 @@ def push_folder(
                 "to a token with write access to that namespace."
             ) from error
         raise PushError(f"The upload to {repo_id} failed: {error}") from error
-    except (OSError, ValueError) as error:
+    except ValueError as error:  # the client's own checks: rejected card metadata, malformed answers
+        raise PushError(f"The Hub rejected the upload to {repo_id}: {error}") from error
+    except Exception as error:
+        if not _is_connection_error(error):
+            raise
         raise PushError(
             f"Could not reach the Hub to upload {repo_id} ({error}). Check your connection, or HF_ENDPOINT if you set it."
         ) from error

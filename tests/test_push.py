@@ -1,0 +1,173 @@
+"""Publishing to the Hub end to end: the real `hf-fam` console script and the real huggingface_hub client, in a
+subprocess, talking HTTP to the fake Hub of tests/fake_hub.py (HF_ENDPOINT). Nothing leaves 127.0.0.1."""
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_base
+from fake_hub import FakeHub
+from huggingface_hub import ModelCard
+
+import hf_fam
+from hf_fam.hub import write_model_card
+
+
+HF_FAM = str(Path(sys.executable).with_name("hf-fam"))
+TOKEN = "hf_fake_write_token"
+FAM_FILES = {"config.json", "model.safetensors", "modeling_fam.py", "configuration_fam.py", "cache_fam.py", "generation_config.json", "README.md"}
+
+
+def hub_env(hub: FakeHub, tmp_path: Path, token: str = TOKEN) -> dict:
+    """The caller's environment without Hub, offline or proxy settings, pointed at the fake Hub with a fake token."""
+    env = {
+        key: value for key, value in os.environ.items()
+        if not key.startswith(("HF_", "HUGGING_FACE_")) and key not in ("TRANSFORMERS_OFFLINE",) and not key.lower().endswith("_proxy")
+    }
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_TOKEN=token,
+        HF_HOME=str(tmp_path / "hf_home"),  # no saved token or cache of the user's
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",  # legacy upload path: preupload, LFS batch + PUT, NDJSON commit
+        HF_HUB_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def hf_fam_cli(*args, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([HF_FAM, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, result.stderr[-3000:]  # one paragraph (a single line) says what went wrong
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, result.stderr[-3000:])
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("base") / "tiny-llama"
+    tiny_base("llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def converted_folder(tmp_path_factory) -> Path:
+    """A converted tiny llama, with a card that names its base model and license (copy it before changing it)."""
+    folder = tmp_path_factory.mktemp("converted") / "tiny-fam"
+    hf_fam.convert_to_fam(tiny_base("llama"), block_size=8, memory_segments=1, fam_length=2).save_pretrained(folder)
+    write_model_card(folder, base_model="org/base", license="apache-2.0")
+    return folder
+
+
+@pytest.fixture
+def hub():
+    with FakeHub() as fake:
+        yield fake
+
+
+def assert_committed_exactly(hub: FakeHub, repo_id: str, folder: Path) -> dict:
+    assert [commit["repo_id"] for commit in hub.commits] == [repo_id]
+    commit = hub.commits[0]
+    assert commit["repo_type"] == "model" and commit["revision"] == "main" and commit["deleted"] == []
+    local = folder_files(folder)
+    assert FAM_FILES <= set(local)
+    assert sorted(commit["files"]) == sorted(local)
+    for name, data in local.items():
+        assert commit["files"][name] == data, f"{name} differs from the uploaded bytes"
+    # the weights went through the LFS protocol, the small text files inline; Xet was never involved
+    weights_oid = hashlib.sha256(local["model.safetensors"]).hexdigest()
+    assert ("PUT", f"/lfs/{weights_oid}") in hub.requests
+    assert set(hub.lfs_objects) == {weights_oid}
+    assert not any("xet" in path.lower() for _, path in hub.requests)
+    assert hub.unhandled == []
+    return commit
+
+
+def test_push_private_folder_uploads_every_file_and_a_valid_card(converted_folder, hub, tmp_path):
+    folder = tmp_path / "tiny-fam"
+    shutil.copytree(converted_folder, folder)
+    result = hf_fam_cli(
+        "push", folder, "user/tiny-fam", "--private", "--commit-message", "First FAM upload", env=hub_env(hub, tmp_path)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{hub.url}/user/tiny-fam/commit/{hub.commits[0]['oid']}" in result.stderr
+
+    repo = hub.repos["user/tiny-fam"]
+    assert (repo["name"], repo["organization"], repo["private"], repo["type"]) == ("tiny-fam", "user", True, "model")
+    commit = assert_committed_exactly(hub, "user/tiny-fam", folder)  # README.md as regenerated by the push
+    assert commit["summary"] == "First FAM upload"
+
+    card = ModelCard(commit["files"]["README.md"].decode())  # huggingface_hub's own parser
+    data = card.data
+    assert data.base_model == "org/base" and data.license == "apache-2.0"
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+    assert {"fam", "long-context"} <= set(data.tags)
+    assert re.search(r"`block_size` \(B\) \| 8 \|", card.text)
+    assert re.search(r"`memory_segments` \(M\) \| 1 \|", card.text) and re.search(r"`fam_length` \(F\) \| 2 \|", card.text)
+    assert 'from_pretrained("user/tiny-fam")' in card.text  # with hf_fam installed, and the card names the new repo
+    assert 'from_pretrained("user/tiny-fam", trust_remote_code=True)' in card.text  # without hf_fam
+    assert "[org/base](https://huggingface.co/org/base)" in card.text
+
+
+def test_convert_with_push_to_hub_uploads_the_output_folder(base_folder, hub, tmp_path):
+    out = tmp_path / "out"
+    result = hf_fam_cli(
+        "convert", base_folder, out, "--block-size", 8, "--memory-segments", 1, "--fam-length", 2,
+        "--push-to-hub", "user/converted", env=hub_env(hub, tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.is_dir()
+    repo = hub.repos["user/converted"]
+    assert (repo["private"], repo["type"]) == (False, "model")
+    commit = assert_committed_exactly(hub, "user/converted", out)
+    assert commit["summary"] == "Upload TransformerFAM model (hf-fam)"
+    assert 'from_pretrained("user/converted", trust_remote_code=True)' in commit["files"]["README.md"].decode()
+
+
+def test_push_with_a_rejected_token_fails_cleanly(converted_folder, tmp_path):
+    folder = tmp_path / "tiny-fam"
+    shutil.copytree(converted_folder, folder)
+    with FakeHub(rejected_tokens={"hf_revoked"}) as hub:
+        result = hf_fam_cli("push", folder, "user/tiny-fam", env=hub_env(hub, tmp_path, token="hf_revoked"))
+    message = assert_clean_error(result, "user/tiny-fam", "401", "HF_TOKEN")
+    assert "log in" in message.lower()
+    assert ("POST", "/api/repos/create") in hub.requests
+    assert hub.repos == {} and hub.commits == [] and hub.lfs_objects == {}
+
+
+def test_push_without_config_json_fails_before_any_request(hub, tmp_path):
+    folder = tmp_path / "not-a-checkpoint"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    result = hf_fam_cli("push", folder, "user/tiny-fam", env=hub_env(hub, tmp_path))
+    assert_clean_error(result, "config.json")
+    assert hub.requests == []
+
+
+def test_push_to_an_unreachable_endpoint_fails_cleanly(converted_folder, tmp_path):
+    folder = tmp_path / "tiny-fam"
+    shutil.copytree(converted_folder, folder)
+    with FakeHub() as hub:
+        env = hub_env(hub, tmp_path)
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    result = hf_fam_cli("push", folder, "user/tiny-fam", env=env)
+    assert_clean_error(result, "Could not reach the Hub", "HF_ENDPOINT")
