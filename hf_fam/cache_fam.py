@@ -47,9 +47,10 @@ class FamCacheLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def written(self, fam_kv, block_kv, token_index: torch.Tensor, in_place: bool):
+    def written(self, fam_kv, block_kv, writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], in_place: bool):
         """The buffers after storing the keys/values of the FAM rows (each (b, kv_heads, F, d), or None) and of the
-        real tokens of a segment (each (b, kv_heads, n, d); token_index (b, n), -1 for padding).
+        real tokens of a segment (each (b, kv_heads, n, d)); `writes` = (rows, columns, slots) says which column of
+        which row goes to which slot (see `FamCache.token_writes`).
 
         In place when `in_place`; otherwise on copies, leaving the buffers an earlier layer call may still need for
         its backward pass (or its recompute under gradient checkpointing) untouched.
@@ -60,8 +61,7 @@ class FamCacheLayer(CacheLayerMixin):
         if fam_kv is not None:
             keys[:, :, : self.fam_length] = fam_kv[0]
             values[:, :, : self.fam_length] = fam_kv[1]
-        rows, cols = (token_index >= 0).nonzero(as_tuple=True)
-        slots = self.fam_length + token_index[rows, cols].remainder(self.ring_size)
+        rows, cols, slots = writes
         keys[rows, :, slots] = block_kv[0][rows, :, cols]
         values[rows, :, slots] = block_kv[1][rows, :, cols]
         return keys, values
@@ -189,13 +189,19 @@ class FamCache(Cache):
             raise ValueError(f"fam_state needs one tensor per layer ({len(self.layers)}), got {len(fam_state)}")
         for layer, state in zip(self.layers, fam_state):
             layer.fam_state = state
-        self.fam_kv_fresh = torch.zeros_like(self.fam_kv_fresh)
+        if self.fam_kv_fresh is not None:  # the FAM slots no longer hold the keys of the state
+            self.fam_kv_fresh = torch.zeros_like(self.fam_kv_fresh)
 
     def fam_state(self) -> tuple[torch.Tensor, ...] | None:
         """S[l] of every layer, each (b, F, hidden_size), or None before the stream starts."""
         if self.layers[0].fam_state is None:
             return None
         return tuple(layer.fam_state for layer in self.layers)
+
+    def token_writes(self, token_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, columns, slots) of the real tokens (token_index >= 0) of a segment: token i goes to slot F + i % W."""
+        rows, cols = (token_index >= 0).nonzero(as_tuple=True)
+        return rows, cols, self.fam_length + token_index[rows, cols].remainder(self.ring_size)
 
     def slot_token_index(self, count: torch.Tensor, span: int) -> torch.Tensor:
         """(b, span) stream index of the token in ring slots 0 .. span-1 of each row once `count` (b,) real tokens

