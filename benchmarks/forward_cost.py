@@ -1,14 +1,14 @@
 """One forward pass of SmolLM2-135M over 8k and 16k tokens: full attention (base) vs BSWA vs FAM (B=1024, M=3, F=64).
 
-    python benchmarks/forward_cost.py            # all cases, then the table, ratios, CSV and plot
-    python benchmarks/forward_cost.py --lengths 8192
+    python benchmarks/forward_cost.py            # both lengths, then the table, ratios, CSV, JSON and plot
+    python benchmarks/forward_cost.py --lengths 8192 --rounds 5
 
-Every case runs in a fresh process, so its peak memory is its own; the cases are interleaved over --rounds rounds
-(base, BSWA, FAM, base, BSWA, FAM, ...) so that drift of the machine's speed hits every mode alike. Time is the
-median over rounds of one pass after a warm-up; memory is the largest peak resident memory added by the pass
-(sampled every 5 ms). Logits are kept for the last
-position only (logits_to_keep=1) so the 49k-entry vocabulary head does not dominate the comparison. "BSWA" is the
-same hf_fam code path with fam_length=0.
+Time: one process per length holds the three models (BSWA and FAM are conversions sharing the base model's
+weights) and times one pass of each in turn, --rounds times (base, BSWA, FAM, base, BSWA, FAM, ...), after a
+warm-up; the reported time is the median, so drift of the machine's speed hits every mode alike. Memory: every mode
+runs one more pass in a fresh process of its own, whose peak resident memory above the loaded model is sampled
+every 5 ms. Logits are kept for the last position only (logits_to_keep=1) so the 49k-entry vocabulary head does not
+dominate. "BSWA" is the same hf_fam code path with fam_length=0.
 """
 
 from __future__ import annotations
@@ -19,77 +19,104 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, PeakMemory, load_model, machine, run_child, write_csv
+from common import PAPER_SETTINGS, RESULTS, PeakMemory, load_model, machine, run_child, write_csv
 
 
 MODES = ("base", "bswa", "fam")
 
 
-def child(mode: str, length: int) -> dict:
+def _inputs(vocab_size: int, length: int):
+    import torch
+
+    return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def time_child(length: int, rounds: int) -> dict:
+    import torch
+
+    import hf_fam
+
+    base = load_model("base")
+    models = {
+        "base": base,
+        "bswa": hf_fam.convert_to_fam(base, **dict(PAPER_SETTINGS, fam_length=0)).eval(),
+        "fam": hf_fam.convert_to_fam(base, **PAPER_SETTINGS).eval(),
+    }
+    ids = _inputs(base.config.vocab_size, length)
+    seconds = {mode: [] for mode in MODES}
+    with torch.no_grad():
+        for model in models.values():
+            model(ids[:, :256], logits_to_keep=1)  # warm-up
+        for _ in range(rounds):
+            for mode, model in models.items():
+                start = time.perf_counter()
+                model(ids, logits_to_keep=1)
+                seconds[mode].append(time.perf_counter() - start)
+    return seconds
+
+
+def memory_child(mode: str, length: int) -> float:
     import torch
 
     model = load_model(mode)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
+    ids = _inputs(model.config.vocab_size, length)
     with torch.no_grad():
-        model(ids[:, :256], logits_to_keep=1)  # warm-up
+        model(ids[:, :256], logits_to_keep=1)
         with PeakMemory() as memory:
-            start = time.perf_counter()
             model(ids, logits_to_keep=1)
-            seconds = time.perf_counter() - start
-    return {"mode": mode, "tokens": length, "seconds": seconds, "peak_added_mib": memory.added / 2**20}
+    return memory.added / 2**20
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, length = args.child
-        print(json.dumps(child(mode, int(length))))
+        kind, mode, length = args.child
+        result = time_child(int(length), args.rounds) if kind == "time" else memory_child(mode, int(length))
+        print(json.dumps(result))
         return
 
-    rows = []
+    rows, summary = [], []
     for length in args.lengths:
-        runs = {mode: [] for mode in MODES}
-        for round_ in range(args.rounds):
-            for mode in MODES:
-                result = run_child(Path(__file__), mode, str(length))
-                runs[mode].append(result)
-                print(f"round {round_} {mode:5s} {length:6d} tokens: {result['seconds']:8.2f} s, peak +{result['peak_added_mib']:8.1f} MiB", flush=True)
+        seconds = run_child(Path(__file__), "time", "all", str(length), "--rounds", str(args.rounds), timeout=6 * 3600)
+        by_mode = {}
         for mode in MODES:
-            seconds = sorted(r["seconds"] for r in runs[mode])
-            rows.append({
+            peak = run_child(Path(__file__), "memory", mode, str(length), timeout=3600)
+            times = sorted(seconds[mode])
+            by_mode[mode] = {
                 "mode": mode,
                 "tokens": length,
-                "seconds": statistics.median(seconds),
-                "seconds_min": seconds[0],
-                "seconds_max": seconds[-1],
-                "peak_added_mib": max(r["peak_added_mib"] for r in runs[mode]),
-            })
-
-    print(f"\nMachine: {machine()}")
-    print(f"{'tokens':>7} {'FAM/BSWA time':>14} {'FAM/base time':>14} {'FAM/BSWA mem':>13} {'FAM/base mem':>13}")
-    summary = []
-    for length in args.lengths:
-        by_mode = {r["mode"]: r for r in rows if r["tokens"] == length}
+                "seconds": round(statistics.median(times), 3),
+                "seconds_min": round(times[0], 3),
+                "seconds_max": round(times[-1], 3),
+                "peak_added_mib": round(peak, 1),
+            }
+            rows.append(by_mode[mode])
+            print(f"{mode:5s} {length:6d} tokens: {statistics.median(times):8.2f} s (runs: {', '.join(f'{t:.2f}' for t in seconds[mode])}), peak +{peak:8.1f} MiB", flush=True)
         fam, bswa, base = by_mode["fam"], by_mode["bswa"], by_mode["base"]
-        ratios = {
+        per_round = [f / b for f, b in zip(seconds["fam"], seconds["bswa"])]
+        summary.append({
             "tokens": length,
             "fam_over_bswa_time": fam["seconds"] / bswa["seconds"],
+            "fam_over_bswa_time_per_round": per_round,
             "fam_over_base_time": fam["seconds"] / base["seconds"],
             "fam_over_bswa_memory": fam["peak_added_mib"] / bswa["peak_added_mib"],
             "fam_over_base_memory": fam["peak_added_mib"] / base["peak_added_mib"],
-        }
-        summary.append(ratios)
+        })
+
+    print(f"\nMachine: {machine()}")
+    print(f"{'tokens':>7} {'FAM/BSWA time':>14} {'FAM/base time':>14} {'FAM/BSWA mem':>13} {'FAM/base mem':>13}")
+    for r in summary:
         print(
-            f"{length:7d} {ratios['fam_over_bswa_time']:14.3f} {ratios['fam_over_base_time']:14.3f} "
-            f"{ratios['fam_over_bswa_memory']:13.3f} {ratios['fam_over_base_memory']:13.3f}"
+            f"{r['tokens']:7d} {r['fam_over_bswa_time']:14.3f} {r['fam_over_base_time']:14.3f} "
+            f"{r['fam_over_bswa_memory']:13.3f} {r['fam_over_base_memory']:13.3f}   "
+            f"(FAM/BSWA per round: {', '.join(f'{x:.3f}' for x in r['fam_over_bswa_time_per_round'])})"
         )
-    write_csv(RESULTS / "forward_cost.csv", [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
-    (RESULTS / "forward_cost.json").write_text(json.dumps({"machine": machine(), "runs": rows, "ratios": summary}, indent=2))
+    write_csv(RESULTS / "forward_cost.csv", rows)
+    (RESULTS / "forward_cost.json").write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": summary}, indent=2))
     from plot_results import plot_forward_cost
 
     plot_forward_cost()

@@ -452,7 +452,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         # FAM rows join the call when a block completes (to compute the new S, rule 5) or when the keys of S are not
         # cached yet for the current block (rule 3); otherwise their cached keys/values serve the block rows.
         fam_rows = F > 0 and bool(completes.any() or not cache.fam_kv_fresh.all())
-        span = min(cache.ring_size, int(count_after.max()))  # ring slots written so far
+        # ring slots written so far (at least one, so that an all-padding first call still has a key to attend to)
+        span = min(cache.ring_size, max(1, int(count_after.max())))
         segment = _Segment(start, end, token_index, block, completes, real_tokens, fam_rows, span)
         segment.writes = cache.token_writes(token_index)  # the same slots in every layer
 

@@ -175,3 +175,16 @@ def test_base_model_refuses_a_fam_cache():
         cache = model(random_ids(1, 10), use_cache=True).past_key_values
         with pytest.raises(TypeError, match="FamForCausalLM"):
             _BASES[("llama", "eager")](random_ids(1, 3), past_key_values=cache)
+
+
+@pytest.mark.parametrize("fam_length", [0, 2])
+def test_a_call_of_padding_only_leaves_the_stream_untouched(fam_length):
+    model = fam_model("llama", 4, 1, fam_length)
+    ids = random_ids(2, 15)
+    with torch.no_grad():
+        expected = model(ids).logits
+        cache = model(ids[:, :3], attention_mask=torch.zeros(2, 3, dtype=torch.long), use_cache=True).past_key_values
+        assert cache.token_count.tolist() == [0, 0]
+        actual = model(ids, past_key_values=cache, attention_mask=torch.ones(2, 18, dtype=torch.long)).logits
+    assert torch.isfinite(actual).all()
+    assert_logits_close(actual, expected)
