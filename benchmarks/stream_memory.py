@@ -44,16 +44,17 @@ def child(mode: str, length: int, chunk: int) -> dict:
             cache = model.new_cache()
             for scored in hf_fam.stream_log_likelihood(model, chunks, cache=cache):
                 total_log_likelihood += scored.sum().item()
-        else:
+        else:  # the same computation as stream_log_likelihood, with the base model's default cache
             cache = DynamicCache(config=model.config)
-            previous = None
+            last = None
             for piece in chunks:
-                logits = model(piece[None], past_key_values=cache, use_cache=True).logits.float()
-                log_probs = torch.log_softmax(logits, -1)[0]
-                total_log_likelihood += log_probs[:-1].gather(-1, piece[1:, None]).sum().item()
-                if previous is not None:
-                    total_log_likelihood += torch.log_softmax(previous, -1)[piece[0]].item()
-                previous = logits[0, -1]
+                logits = model(piece[None], past_key_values=cache, use_cache=True).logits.float()[0]
+                scored = logits[:-1].gather(-1, piece[1:, None])[:, 0] - logits[:-1].logsumexp(-1)
+                total_log_likelihood += scored.sum().item()
+                if last is not None:
+                    total_log_likelihood += (last[piece[0]] - last.logsumexp(-1)).item()
+                last = logits[-1].clone()
+                del logits
         seconds = time.perf_counter() - start
     return {
         "mode": mode,

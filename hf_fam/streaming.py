@@ -11,30 +11,36 @@ from tqdm.auto import tqdm
 from .cache_fam import FamCache
 
 
-def _as_batch(chunk, device) -> torch.Tensor:
-    ids = chunk if isinstance(chunk, torch.Tensor) else torch.as_tensor(chunk, dtype=torch.long)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2:
-        raise ValueError(f"A chunk must be a sequence of token ids or a (batch, n) tensor, got shape {tuple(ids.shape)}")
-    return ids.to(device=device, dtype=torch.long)
-
-
-def _stream(model, token_chunks, cache, show_progress, desc):
+def _stream_cache(model, cache: FamCache | None) -> FamCache:
     if cache is None:
-        cache = model.new_cache()
-    elif not isinstance(cache, FamCache):
+        return model.new_cache()
+    if not isinstance(cache, FamCache):
         raise TypeError(f"cache must be a FamCache, got {type(cache).__name__}")
-    device = model.device
-    with torch.no_grad(), tqdm(desc=desc, unit="tok", disable=not show_progress) as bar:
+    return cache
+
+
+def _chunks(token_chunks, device, show_progress: bool, desc: str) -> Iterator[torch.Tensor]:
+    """Each chunk as a (batch, n) LongTensor on `device`; empty chunks are skipped."""
+    with tqdm(desc=desc, unit="tok", disable=not show_progress) as bar:
         for chunk in token_chunks:
-            ids = _as_batch(chunk, device)
+            ids = chunk if isinstance(chunk, torch.Tensor) else torch.as_tensor(chunk, dtype=torch.long)
+            if ids.ndim == 1:
+                ids = ids[None]
+            if ids.ndim != 2:
+                raise ValueError(f"A chunk must be a sequence of token ids or a (batch, n) tensor, got shape {tuple(ids.shape)}")
             if ids.shape[1] == 0:
                 continue
-            yield ids, cache
+            yield ids.to(device=device, dtype=torch.long)
             bar.update(ids.numel())
 
 
+def _token_log_likelihoods(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for (..., vocab) logits and (...) targets, without a second vocab-sized tensor."""
+    logits = logits.float()
+    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+
+
+@torch.no_grad()
 def stream_log_likelihood(
     model,
     token_chunks: Iterable[Sequence[int] | torch.Tensor],
@@ -49,24 +55,26 @@ def stream_log_likelihood(
         token_chunks: an iterable of chunks, each a sequence of token ids (one stream) or a (batch, n) tensor (one
             stream per row, batch fixed); chunk sizes are free.
         cache: a [`FamCache`] to continue (e.g. one restored with `FamCache.load`); a new stream by default.
+        show_progress: show a tqdm bar counting tokens.
 
     Yields:
         For each chunk, float32 `log p(token | everything before it)` for its tokens, shape (batch, n), except that
         the first token of a new stream has nothing before it: the first chunk of a new stream yields n - 1 values.
         Results equal those of a single forward pass over the concatenated stream.
     """
-    previous_logits = None  # logits of the last token of the previous chunk predict this chunk's first token
-    for ids, cache in _stream(model, token_chunks, cache, show_progress, "scoring"):
-        logits = model(ids, past_key_values=cache, use_cache=True).logits.float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        scored = log_probs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-        if previous_logits is not None:
-            first = torch.log_softmax(previous_logits, dim=-1).gather(-1, ids[:, :1])
-            scored = torch.cat([first, scored], dim=1)
-        previous_logits = logits[:, -1]
+    cache = _stream_cache(model, cache)
+    last = None  # logits of the previous chunk's last token: they predict this chunk's first token
+    for ids in _chunks(token_chunks, model.device, show_progress, "scoring"):
+        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        scored = _token_log_likelihoods(logits[:, :-1], ids[:, 1:])
+        if last is not None:
+            scored = torch.cat([_token_log_likelihoods(last, ids[:, :1]), scored], dim=1)
+        last = logits[:, -1:].clone()
+        del logits  # the chunk's (n, vocab) logits must not outlive it
         yield scored
 
 
+@torch.no_grad()
 def stream_hidden_states(
     model,
     token_chunks: Iterable[Sequence[int] | torch.Tensor],
@@ -75,6 +83,7 @@ def stream_hidden_states(
     show_progress: bool = False,
 ) -> Iterator[torch.Tensor]:
     """The final (normed) hidden states of each chunk of a stream, (batch, n, hidden_size), in constant memory."""
-    for ids, cache in _stream(model, token_chunks, cache, show_progress, "encoding"):
+    cache = _stream_cache(model, cache)
+    for ids in _chunks(token_chunks, model.device, show_progress, "encoding"):
         output = model(ids, past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
         yield output.hidden_states[-1]

@@ -188,3 +188,13 @@ def test_a_call_of_padding_only_leaves_the_stream_untouched(fam_length):
         actual = model(ids, past_key_values=cache, attention_mask=torch.ones(2, 18, dtype=torch.long)).logits
     assert torch.isfinite(actual).all()
     assert_logits_close(actual, expected)
+
+
+def test_streaming_helpers_do_not_change_the_callers_grad_mode():
+    model = fam_model("llama", 8, 1, 2)
+    ids = random_ids(1, 20)[0]
+    for helper in (hf_fam.stream_log_likelihood, hf_fam.stream_hidden_states):
+        stream = helper(model, [ids[:7], ids[7:]])
+        first = next(stream)
+        assert torch.is_grad_enabled() and not first.requires_grad
+        next(stream)
