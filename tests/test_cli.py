@@ -61,6 +61,25 @@ def test_convert_folder_loads_and_matches_the_python_api(family, base_folders, t
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_convert_dtype_casts_the_saved_weights(dtype, base_folders, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    result = hf_fam_cli("convert", base_folders["llama"], out, "--block-size", 8, "--fam-length", 3, "--dtype", dtype)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(out / "model.safetensors", framework="pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+        assert "fam_prompt.weight" in weights.keys()
+    assert dtypes == {"BF16" if dtype == "bfloat16" else "F16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert loaded.dtype == getattr(torch, dtype)
+    expected = hf_fam.convert_to_fam(tiny_base("llama").to(getattr(torch, dtype)), block_size=8, fam_length=3)
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
 def test_convert_output_loads_with_trust_remote_code(base_folders, tmp_path):
     out = tmp_path / "out"
     assert hf_fam_cli("convert", base_folders["qwen2"], out, "--block-size", 8, "--fam-length", 2).returncode == 0
