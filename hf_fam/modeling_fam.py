@@ -295,31 +295,15 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 starts from instead of S0, e.g. the final state of an earlier stream (`cache.fam_state()`, the
                 training recipe's random state passing). Only read when the stream starts.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        self._check_attention_implementation()
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        batch, columns = inputs_embeds.shape[:2]
-        if columns == 0:
-            raise ValueError("The input has no tokens (sequence length 0).")
         use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-
-        cache = self._stream_cache(past_key_values, batch, inputs_embeds, fam_position_offset, fam_state)
-        real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
-        hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
-
-        hidden_states = self.model.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (hidden_states,)
+        hidden_states, all_hidden, cache = self._final_hidden_states(
+            input_ids, inputs_embeds, attention_mask, past_key_values, fam_position_offset, fam_state, output_hidden_states
+        )
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = self.logits_from_hidden_states(hidden_states[:, slice_indices, :])
 
         loss = None
         if labels is not None:
@@ -330,6 +314,38 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             past_key_values=cache if use_cache else None,
             hidden_states=all_hidden if output_hidden_states else None,
         )
+
+    def _final_hidden_states(
+        self, input_ids, inputs_embeds, attention_mask, past_key_values, fam_position_offset, fam_state, output_hidden_states
+    ):
+        """The decoder part of `forward`: the block rows' normed last hidden states (b, n, hidden), all hidden states
+        if asked, and the `FamCache` holding the continued streams."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        self._check_attention_implementation()
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        batch, columns = inputs_embeds.shape[:2]
+        if columns == 0:
+            raise ValueError("The input has no tokens (sequence length 0).")
+        cache = self._stream_cache(past_key_values, batch, inputs_embeds, fam_position_offset, fam_state)
+        real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
+        hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
+        hidden_states = self.model.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)
+        return hidden_states, all_hidden, cache
+
+    def logits_from_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The causal-LM head on normed last hidden states, with the family's final-logit soft-capping if it has one.
+
+        Lets a caller project a long chunk's hidden states a slice at a time instead of holding (n, vocab) logits.
+        """
+        logits = self.lm_head(hidden_states)
+        softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
 
     def _check_attention_implementation(self) -> None:
         implementation = self.model.config._attn_implementation

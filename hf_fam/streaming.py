@@ -34,6 +34,15 @@ def _chunks(token_chunks, device, show_progress: bool, desc: str) -> Iterator[to
             bar.update(ids.numel())
 
 
+_LOGITS_SLICE = 256  # tokens whose logits are computed at once by stream_log_likelihood
+
+
+def _final_hidden_states(model, ids: torch.Tensor, cache: FamCache) -> torch.Tensor:
+    """The normed last hidden states (batch, n, hidden) of a chunk continuing `cache`'s streams (no logits)."""
+    hidden, _, _ = model._final_hidden_states(ids, None, None, cache, None, None, False)
+    return hidden
+
+
 def _token_log_likelihoods(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] for (..., vocab) logits and (...) targets, without a second vocab-sized tensor."""
     logits = logits.float()
@@ -65,13 +74,15 @@ def stream_log_likelihood(
     cache = _stream_cache(model, cache)
     last = None  # logits of the previous chunk's last token: they predict this chunk's first token
     for ids in _chunks(token_chunks, model.device, show_progress, "scoring"):
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
-        scored = _token_log_likelihoods(logits[:, :-1], ids[:, 1:])
-        if last is not None:
-            scored = torch.cat([_token_log_likelihoods(last, ids[:, :1]), scored], dim=1)
-        last = logits[:, -1:].clone()
-        del logits  # the chunk's (n, vocab) logits must not outlive it
-        yield scored
+        hidden = _final_hidden_states(model, ids, cache)
+        scored = [] if last is None else [_token_log_likelihoods(last, ids[:, :1])]
+        # the head a slice at a time: a chunk's (n, vocab) logits are never held at once
+        for start in range(0, ids.shape[1] - 1, _LOGITS_SLICE):
+            end = min(start + _LOGITS_SLICE, ids.shape[1] - 1)
+            logits = model.logits_from_hidden_states(hidden[:, start:end])
+            scored.append(_token_log_likelihoods(logits, ids[:, start + 1 : end + 1]))
+        last = model.logits_from_hidden_states(hidden[:, -1:])
+        yield torch.cat(scored, dim=1) if scored else hidden.new_zeros(ids.shape[0], 0, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -85,5 +96,4 @@ def stream_hidden_states(
     """The final (normed) hidden states of each chunk of a stream, (batch, n, hidden_size), in constant memory."""
     cache = _stream_cache(model, cache)
     for ids in _chunks(token_chunks, model.device, show_progress, "encoding"):
-        output = model(ids, past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-        yield output.hidden_states[-1]
+        yield _final_hidden_states(model, ids, cache)

@@ -131,15 +131,24 @@ def test_fam_state_save_and_restore_continues_the_stream_identically(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
-def test_stream_log_likelihood_equals_one_call():
-    model = fam_model("mistral", 8, 1, 2)
-    ids = random_ids(1, 61, seed=7)[0]
-    chunks = [ids[:5], ids[5:6], ids[6:30], ids[30:]]
-    scored = torch.cat(list(hf_fam.stream_log_likelihood(model, chunks)), dim=1)[0]
+@pytest.mark.parametrize(
+    "family, cuts",
+    [
+        ("mistral", [5, 6, 30]),
+        ("gemma2", [1, 601]),  # final-logit soft-capping; a chunk longer than the helper's logits slice (256)
+    ],
+)
+def test_stream_log_likelihood_equals_one_call(family, cuts):
+    model = fam_model(family, 8, 1, 2)
+    length = cuts[-1] + 31
+    ids = random_ids(2, length, seed=7)
+    bounds = [0, *cuts, length]
+    chunks = [ids[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    scored = torch.cat(list(hf_fam.stream_log_likelihood(model, chunks)), dim=1)
     with torch.no_grad():
-        log_probs = torch.log_softmax(model(ids[None]).logits.float(), dim=-1)[0]
-    expected = log_probs[:-1].gather(-1, ids[1:, None])[:, 0]
-    assert scored.shape == (60,)
+        log_probs = torch.log_softmax(model(ids).logits.float(), dim=-1)
+    expected = log_probs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    assert scored.shape == (2, length - 1)
     torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
 
 
