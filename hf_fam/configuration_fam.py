@@ -91,6 +91,13 @@ class FamConfig(PreTrainedConfig):
                     f"ids, got {ids!r}"
                 )
 
+    def to_dict(self):
+        output = super().to_dict()
+        if isinstance(output.get("text_config"), dict):
+            # where the base was loaded from on the converting machine (often a local path): not part of the model
+            output["text_config"].pop("_name_or_path", None)
+        return output
+
     def __getattr__(self, name):
         # Only called when normal lookup fails: answer public attributes from the base configuration.
         if name.startswith("_") or name == "text_config":

@@ -63,6 +63,8 @@ def convert_to_fam(
             "Convert the base model before adding PEFT adapters, or merge them first (model.merge_and_unload())."
         )
     check_supported_config(model.config)
+    if not getattr(model.config, "architectures", None):  # e.g. a model built from a config or a GGUF file
+        model.config.architectures = [type(model).__name__]
     config = FamConfig(
         text_config=model.config,
         block_size=block_size,

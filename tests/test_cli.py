@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_logits_close, random_ids, smollm2_gguf_path, tiny_base
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_fam
 from hf_fam.io_utils import OutputExistsError, atomic_directory
@@ -84,20 +84,29 @@ def test_convert_output_loads_with_trust_remote_code(base_folders, tmp_path):
     out = tmp_path / "out"
     assert hf_fam_cli("convert", base_folders["qwen2"], out, "--block-size", 8, "--fam-length", 2).returncode == 0
     script = (
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "print(type(m).__name__, m(torch.tensor([[5, 6, 7]])).logits.shape[-1])\n"
+    )
+    result = run_without_hf_fam(script, out, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["FamForCausalLM", "256"]
+
+
+def run_without_hf_fam(script: str, folder: Path, tmp_path: Path):
+    """Run `script` (with sys, torch and the Auto classes imported) in a process where importing hf_fam fails."""
+    prelude = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
         "        if name.split('.')[0] == 'hf_fam': raise ImportError(name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
-        "print(type(m).__name__, m(torch.tensor([[5, 6, 7]])).logits.shape[-1])\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
     )
     env = {**OFFLINE_ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["FamForCausalLM", "256"]
+    return subprocess.run(
+        [sys.executable, "-c", prelude + script, str(folder)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
 
 
 def test_preset_fills_settings_and_explicit_flags_win(base_folders, tmp_path):
@@ -120,7 +129,7 @@ def test_info_reports_settings_parameters_and_memory(base_folders, tmp_path):
     base_parameters = sum(p.numel() for p in tiny_base("llama").parameters())
     assert facts["fam_parameters"] == 4 * 64 and facts["base_parameters"] == base_parameters
     assert facts["bswa_receptive_field"] == 2 * 3 * 8
-    # ring of (M+1)B keys and values per layer (2 kv heads x 16) + FAM keys/values and state, float32
+    # window of (M+1)B keys and values per layer (2 kv heads x 16) + FAM keys/values and state, float32
     assert facts["stream_memory_bytes"] == 2 * (3 * 8 * 2 * 16 * 2 + 4 * (2 * 16 * 2 + 64)) * 4
 
 
@@ -142,6 +151,10 @@ def test_help_explains_every_option(command):
                        "--revision", "--gguf-file", "--push-to-hub", "--private", "--overwrite", "--debug"):
             assert option in result.stdout, option
         assert "default: auto" in result.stdout
+        assert "usage: hf-fam convert [options] [SOURCE] OUTPUT" in result.stdout
+    assert "(default: None)" not in result.stdout and "(default: False)" not in result.stdout
+    for line in result.stdout.splitlines():
+        assert line.count("(default") <= 1, line
 
 
 # ------------------------------------------------------------------------------------------------ error paths
@@ -149,6 +162,24 @@ def test_missing_source(tmp_path):
     result = hf_fam_cli("convert", tmp_path / "nope", tmp_path / "out")
     assert_clean_error(result, "does not exist")
     assert not (tmp_path / "out").exists()
+
+
+def test_info_on_a_missing_folder(tmp_path):
+    assert_clean_error(hf_fam_cli("info", tmp_path / "nope"), "does not exist")
+
+
+def test_bad_max_shard_size_is_refused_before_loading(base_folders, tmp_path):
+    result = hf_fam_cli("convert", base_folders["llama"], tmp_path / "out", "--max-shard-size", "lots")
+    assert_clean_error(result, "--max-shard-size", "500MB")
+    assert not (tmp_path / "out").exists()
+
+
+def test_converting_a_fam_checkpoint_says_it_is_one(base_folders, tmp_path):
+    fam = tmp_path / "fam"
+    assert hf_fam_cli("convert", base_folders["llama"], fam, "--block-size", 8, "--fam-length", 2).returncode == 0
+    result = hf_fam_cli("convert", fam, tmp_path / "again")
+    assert_clean_error(result, "already a TransformerFAM checkpoint")
+    assert not (tmp_path / "again").exists()
 
 
 def test_hub_offline_suggests_a_local_path(tmp_path):
@@ -268,6 +299,33 @@ def test_convert_embedded_default_gguf(converted_smollm2, smollm2_dir):
     ids = random_ids(1, 100, vocab=49152)
     with torch.no_grad():
         assert_logits_close(loaded(ids).logits, expected(ids).logits, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_converted_checkpoint_generates_the_same_text_without_hf_fam(converted_smollm2, tmp_path):
+    """The model card's second usage path: tokenizer and model with trust_remote_code=True, hf_fam not importable."""
+    script = (
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)\n"
+        "inputs = tokenizer('The capital of France is', return_tensors='pt')\n"
+        "print(model.generate(**inputs, max_new_tokens=6, do_sample=False)[0].tolist())\n"
+    )
+    result = run_without_hf_fam(script, converted_smollm2, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "instantiate a model of type" not in result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(converted_smollm2)
+    model = AutoModelForCausalLM.from_pretrained(converted_smollm2, dtype=torch.float32)
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0].tolist()
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+@pytest.mark.slow
+def test_info_names_the_base_architecture_of_a_gguf_conversion(converted_smollm2):
+    facts = json.loads(hf_fam_cli("info", converted_smollm2, "--json").stdout)
+    assert facts["base_architectures"] == ["LlamaForCausalLM"]
+    config = json.loads((converted_smollm2 / "config.json").read_text())
+    assert "_name_or_path" not in config["text_config"]  # no path of the converting machine in a published config
 
 
 @pytest.mark.slow
