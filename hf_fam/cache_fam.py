@@ -2,10 +2,13 @@
 """The working state of TransformerFAM streams: a `transformers` `Cache` of constant size.
 
 Per decoder layer it holds one key buffer and one value buffer: F slots for the keys/values of the rows of the FAM
-state S[l], then a ring of W = (M+1)*B slots for the block tokens (the memory segments plus the current block), and
+state S[l], then a window of W = (M+1)*B slots for the block tokens (the memory segments plus the current block), and
 the FAM state S[l] itself. Per row it holds how many real (non-padding) tokens the stream has consumed, which is all
-that is needed to know the position and block of every stored token: token i lives in slot F + i % W. Attention
-reads the buffers in place (a decoding step copies no keys).
+that is needed to know the position and block of every stored token. The window keeps tokens in stream order: while
+a row is in block k, window slot j holds token max(0, k - M) * B + j, so the tokens a block row may attend to are
+always a prefix of the window. When a block k >= M completes, the window slides by B (one copy of M*B keys/values
+per layer per block). Attention reads the buffers in place (a decoding step copies no keys) and reads only the
+slots in reach: the memory segments and the current block up to the newest token.
 
 This file travels into converted checkpoints (``trust_remote_code=True``), so it imports nothing but
 ``torch`` and ``transformers``.
@@ -21,43 +24,55 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+# Saved stream states name their slot layout: token i of block k in window slot i - max(0, k - M) * B.
+_FORMAT = "hf_fam.FamCache/window"
+
+
 class FamCacheLayer(CacheLayerMixin):
     """One decoder layer's share of the stream state.
 
     Tensors (b = batch size, F = fam_length, W = (M+1)*B):
         keys, values: (b, kv_heads, F + W, head_dim); slots [0, F) hold the keys/values of the rows of `fam_state`,
-            slot F + (i % W) those of token i, rotated at its position.
+            slot F + j those of token `FamCache.window_start(...) + j`, rotated at its position.
         fam_state: (b, F, hidden_size) S[l], the FAM input of this layer for the current block.
     """
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, fam_length: int, ring_size: int):
+    def __init__(self, fam_length: int, window_size: int):
         super().__init__()
         self.fam_length = fam_length
-        self.ring_size = ring_size
+        self.window_size = window_size
         self.fam_state: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.store(*self.empty_buffers(key_states, value_states))
+
+    def empty_buffers(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, kv_heads = key_states.shape[:2]
-        slots = self.fam_length + self.ring_size
-        self.keys = key_states.new_zeros(batch, kv_heads, slots, key_states.shape[-1])
-        self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
-        self.dtype, self.device = key_states.dtype, key_states.device
+        slots = self.fam_length + self.window_size
+        keys = key_states.new_zeros(batch, kv_heads, slots, key_states.shape[-1])
+        return keys, value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
-    def written(self, fam_kv, block_kv, writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], in_place: bool):
-        """The buffers after storing the keys/values of the FAM rows (each (b, kv_heads, F, d), or None) and of the
-        real tokens of a segment (each (b, kv_heads, n, d)); `writes` = (rows, columns, slots) says which column of
-        which row goes to which slot (see `FamCache.token_writes`).
+    def written(self, source, fam_kv, block_kv, writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], in_place: bool):
+        """The buffers `source` ((keys, values), or None before the first call) after storing the keys/values of the
+        FAM rows (each (b, kv_heads, F, d), or None) and of the real tokens of a segment (each (b, kv_heads, n, d));
+        `writes` = (rows, columns, slots) says which column of which row goes to which slot (see
+        `FamCache.token_writes`).
 
-        In place when `in_place`; otherwise on copies, leaving the buffers an earlier layer call may still need for
-        its backward pass (or its recompute under gradient checkpointing) untouched.
+        In place when `in_place`; otherwise on copies, leaving `source` untouched for the backward pass (or the
+        recompute under gradient checkpointing) of the layer call that read it.
         """
-        if not self.is_initialized:
-            self.lazy_initialization(*block_kv)
-        keys, values = (self.keys, self.values) if in_place else (self.keys.clone(), self.values.clone())
+        if source is None:
+            keys, values = self.empty_buffers(*block_kv)
+        else:
+            keys, values = source if in_place else (source[0].clone(), source[1].clone())
         if fam_kv is not None:
             keys[:, :, : self.fam_length] = fam_kv[0]
             values[:, :, : self.fam_length] = fam_kv[1]
@@ -66,6 +81,21 @@ class FamCacheLayer(CacheLayerMixin):
         values[rows, :, slots] = block_kv[1][rows, :, cols]
         return keys, values
 
+    def slide(self, rows: torch.Tensor, block_size: int, in_place: bool) -> None:
+        """Drop the oldest block of the window of the rows `rows` (b,) (bool): window slot j takes slot j + B."""
+        if self.keys is None or not bool(rows.any()):
+            return
+        start, keep = self.fam_length, self.window_size - block_size
+        if in_place:
+            index = rows.nonzero().flatten()
+            for buffer in (self.keys, self.values):
+                buffer[index, :, start : start + keep] = buffer[index, :, start + block_size :]  # gathered: a copy
+            return
+        slid = []
+        for buffer in (self.keys, self.values):
+            moved = torch.cat([buffer[:, :, :start], buffer[:, :, start + block_size :], buffer[:, :, start + keep :]], 2)
+            slid.append(torch.where(rows[:, None, None, None], moved, buffer))
+        self.keys, self.values = slid
     def update(self, key_states, value_states, *args, **kwargs):
         raise TypeError(
             "A FamCache is filled by FamForCausalLM itself; it cannot serve as the cache of another model. "
@@ -76,10 +106,10 @@ class FamCacheLayer(CacheLayerMixin):
         raise TypeError("Ask the FamCache, not one of its layers, for the sequence length.")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.ring_size + query_length, 0
+        return self.window_size + query_length, 0
 
     def get_max_length(self) -> int:
-        return self.ring_size
+        return self.window_size
 
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("keys", "values", "fam_state")
@@ -122,8 +152,8 @@ class FamCache(Cache):
         self.memory_segments = memory_segments
         self.fam_length = fam_length
         self.hidden_size = hidden_size
-        self.ring_size = (memory_segments + 1) * block_size
-        super().__init__(layers=[FamCacheLayer(fam_length, self.ring_size) for _ in range(num_hidden_layers)])
+        self.window_size = (memory_segments + 1) * block_size
+        super().__init__(layers=[FamCacheLayer(fam_length, self.window_size) for _ in range(num_hidden_layers)])
         # Per-row stream state; None until the first forward pass.
         self.token_count: torch.Tensor | None = None  # (b,) real tokens consumed
         self.position_offset: torch.Tensor | None = None  # (b,) added to every position (training recipe)
@@ -198,21 +228,35 @@ class FamCache(Cache):
             return None
         return tuple(layer.fam_state for layer in self.layers)
 
-    def token_writes(self, token_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, columns, slots) of the real tokens (token_index >= 0) of a segment: token i goes to slot F + i % W."""
-        rows, cols = (token_index >= 0).nonzero(as_tuple=True)
-        return rows, cols, self.fam_length + token_index[rows, cols].remainder(self.ring_size)
+    def window_start(self, count: torch.Tensor | None = None) -> torch.Tensor:
+        """(b,) stream index of the token in window slot 0 of each row while its stream is in block count // B
+        (`count` (b,) tokens consumed, by default the rows' current counts)."""
+        count = self.token_count if count is None else count
+        return (count // self.block_size - self.memory_segments).clamp(min=0) * self.block_size
 
-    def slot_token_index(self, count: torch.Tensor, span: int) -> torch.Tensor:
-        """(b, span) stream index of the token in ring slots 0 .. span-1 of each row once `count` (b,) real tokens
-        have been stored, -1 for slots not written yet."""
-        slot = torch.arange(span, device=count.device)
-        last = count[:, None] - 1
-        token = last - (last - slot).remainder(self.ring_size)
-        return torch.where(token >= 0, token, -1)
+    def token_writes(self, token_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, columns, slots) of the real tokens (token_index >= 0) of a segment, which lies in each row's current
+        block: token i goes to slot F + i - window_start."""
+        rows, cols = (token_index >= 0).nonzero(as_tuple=True)
+        return rows, cols, self.fam_length + token_index[rows, cols] - self.window_start()[rows]
+
+    def window_span(self, count_after: torch.Tensor) -> int:
+        """Window slots a segment reads: every slot holding a token once each row has consumed `count_after` (b,)
+        tokens in its current block (at least one, so that an all-padding first call has a key to attend to)."""
+        return max(1, int((count_after - self.window_start()).max()))
+
+    def slot_token_index(self, count_after: torch.Tensor, span: int) -> torch.Tensor:
+        """(b, span) stream index of the token in window slots 0 .. span-1 of each row once `count_after` (b,) real
+        tokens of its current block have been stored, -1 for slots not written yet."""
+        token = self.window_start()[:, None] + torch.arange(span, device=count_after.device)
+        return torch.where(token < count_after[:, None], token, -1)
 
     def advance(self, real_tokens: torch.Tensor, columns: int, fam_recomputed: bool, completed: torch.Tensor) -> None:
-        """Account for a processed segment: real_tokens (b,) consumed, `columns` columns, blocks `completed` (b,)."""
+        """Account for a processed segment: real_tokens (b,) consumed, `columns` columns, blocks `completed` (b,).
+        Rows that completed block k >= M slide their windows (in place unless gradients are being recorded)."""
+        slide = completed & (self.token_count // self.block_size >= self.memory_segments)
+        for layer in self.layers:
+            layer.slide(slide, self.block_size, in_place=not torch.is_grad_enabled())
         self.token_count = self.token_count + real_tokens
         self.seen_columns += columns
         fresh = torch.ones_like(self.fam_kv_fresh) if fam_recomputed else self.fam_kv_fresh
@@ -229,7 +273,7 @@ class FamCache(Cache):
         return self.layers[layer_idx].get_mask_sizes(query_length)
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return self.ring_size
+        return self.window_size
 
     def _apply_to_rows(self, fn) -> None:
         for name in ("token_count", "position_offset", "fam_kv_fresh"):
@@ -278,7 +322,7 @@ class FamCache(Cache):
             for name, tensor in layer.tensors().items():
                 tensors[f"layers.{idx}.{name}"] = tensor
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        metadata = {"format": "hf_fam.FamCache", "settings": json.dumps(self.settings()), "seen_columns": str(self.seen_columns)}
+        metadata = {"format": _FORMAT, "settings": json.dumps(self.settings()), "seen_columns": str(self.seen_columns)}
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
@@ -298,8 +342,13 @@ class FamCache(Cache):
 
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
-            if metadata.get("format") != "hf_fam.FamCache":
-                raise ValueError(f"{path} is not a FamCache file written by FamCache.save")
+            if metadata.get("format") != _FORMAT:
+                older = metadata.get("format") == "hf_fam.FamCache"
+                raise ValueError(
+                    f"{path} was written by an older hf-fam with another slot layout; run the stream again to save it anew."
+                    if older
+                    else f"{path} is not a FamCache file written by FamCache.save"
+                )
             cache = cls(**json.loads(metadata["settings"]))
             cache.seen_columns = int(metadata["seen_columns"])
             for name in ("token_count", "position_offset", "fam_kv_fresh"):
@@ -311,8 +360,7 @@ class FamCache(Cache):
                     setattr(layer, name, f.get_tensor(key))
             for layer in cache.layers:
                 if layer.keys is not None:
-                    layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
-                    layer.is_initialized = True
+                    layer.store(layer.keys, layer.values)
         return cache
 
 

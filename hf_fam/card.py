@@ -33,7 +33,7 @@ def human_count(count: int) -> str:
 
 
 def stream_memory_bytes(config: FamConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of FamCache per stream (batch row): ring of (M+1)B keys/values, FAM keys/values and state, all layers."""
+    """Bytes of FamCache per stream (batch row): window of (M+1)B keys/values, FAM keys/values and state, all layers."""
     text = config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads

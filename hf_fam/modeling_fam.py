@@ -4,7 +4,7 @@ memory", arXiv 2404.09173), implementing the rules of FAM_SPEC.md section 2.
 
 The base model's embedding, decoder layers, final norm and head are reused as they are. Per block t and layer l,
 the layer is called on the rows [S[l] ; X[l]_t] (FAM first, rule 2); the keys/values of the memory segments and of
-earlier parts of the current block reach its attention through `past_key_values.update`, which every supported
+earlier parts of the current block reach its attention through the layer's cache argument (`cache.update`), which every supported
 attention module calls (rule 3); a 4D mask built with transformers' mask functions gives the attention pattern of
 rule 4; the layer's output on the FAM rows becomes S[l] when the block completes (rule 5); logits come from block
 rows only (rule 6).
@@ -52,6 +52,8 @@ _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 # Marker token index of FAM rows in the per-row index tables below; padding is -1, tokens are >= 0.
 _FAM = -2
 _PAD = -1
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; both spellings work here.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -65,6 +67,11 @@ def check_supported_config(config) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedArchitectureError(
             f"'{model_type}' is an encoder-decoder model; hf-fam converts decoder-only language models: {supported}."
+        )
+    if model_type == "fam":
+        raise UnsupportedArchitectureError(
+            "This is already a TransformerFAM checkpoint (model_type 'fam'): load it with "
+            "AutoModelForCausalLM.from_pretrained as it is, or convert its base model to use other FAM settings."
         )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
@@ -115,7 +122,7 @@ class _Segment:
     Per-row tensors (b = batch): `token_index` (b, n) is each column's index in its row's stream, -1 for padding;
     `block` (b,) the 0-based index of the row's current block; `completes` (b,) whether that block ends with this
     segment; `real_tokens` (b,) the row's tokens in the segment; `writes` where their keys go in the cache. Attention
-    reads the F FAM slots and the first `span` ring slots of the cache.
+    reads the F FAM slots and the first `span` window slots of the cache.
     """
 
     start: int
@@ -133,16 +140,18 @@ class _Segment:
 
 
 class _BlockKeyValues:
-    """Stands in for `past_key_values` during one decoder-layer call on one block segment.
+    """Stands in for the cache during one decoder-layer call on one block segment.
 
     The attention module hands it the keys/values of the rows it was called on ([FAM rows ;] segment rows); it stores
-    them in the layer's buffers (FAM slots, then token i in ring slot i % W) and returns the first F + `span` slots:
-    the FAM rows and every stored token still in reach, in the layout the segment's mask describes. It reads only the
-    buffers it was created with, so a recompute under gradient checkpointing sees exactly the same keys.
+    them in the layer's buffers (FAM slots, then the segment's tokens in their window slots) and returns the first
+    F + `span` slots: the FAM rows and every stored token still in reach, in the layout the segment's mask describes.
+    It starts from the buffers the layer had when it was created, so a recompute under gradient checkpointing sees
+    exactly the keys of the first pass.
     """
 
     def __init__(self, layer_cache, segment: _Segment, fam_length: int, in_place: bool):
         self.layer_cache = layer_cache
+        self.source = (layer_cache.keys, layer_cache.values) if layer_cache.is_initialized else None
         self.segment = segment
         self.fam_length = fam_length
         self.in_place = in_place
@@ -152,7 +161,7 @@ class _BlockKeyValues:
         f = self.fam_length if self.segment.fam_rows else 0
         fam_kv = (key_states[:, :, :f], value_states[:, :, :f]) if f else None
         block_kv = (key_states[:, :, f:], value_states[:, :, f:])
-        self.keys, self.values = self.layer_cache.written(fam_kv, block_kv, self.segment.writes, self.in_place)
+        self.keys, self.values = self.layer_cache.written(self.source, fam_kv, block_kv, self.segment.writes, self.in_place)
         visible = self.fam_length + self.segment.span
         return self.keys[:, :, :visible], self.values[:, :, :visible]
 
@@ -229,8 +238,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         config.text_config = decoder.config
         self.fam_prompt = FamPrompt(config.fam_length, config.hidden_size)
         for layer in self.model.layers:
-            # Memory keys/values enter attention through `past_key_values`. In training our stand-in writes to copies
-            # of the cache's buffers, never to the buffers it read, so the layers may keep it under gradient
+            # Memory keys/values enter attention through the layer's cache argument. In training our stand-in writes to
+            # copies of the buffers it started from, never to those, so the layers may keep it under gradient
             # checkpointing: the recompute sees exactly the keys of the first pass.
             layer._can_checkpoint_with_cache = True
         self.post_init()
@@ -265,7 +274,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -273,6 +282,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         fam_position_offset: int | torch.Tensor | None = None,
         fam_state: tuple[torch.Tensor, ...] | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -282,8 +292,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 padding. Padding is never a key and does not count as a token of the stream.
             position_ids: ignored. Positions follow each row's count of real tokens (spec section 2), so padding and
                 chunking never move a block boundary.
-            past_key_values ([`FamCache`], *optional*): the stream state to continue. An empty `DynamicCache` (what
-                `generate()` makes by default) is replaced by a `FamCache`.
+            cache ([`FamCache`], *optional*): the stream state to continue. An empty `DynamicCache` (what
+                `generate()` makes by default) is replaced by a `FamCache`. `past_key_values`, its name before
+                transformers 5.24, is accepted too.
             labels (`torch.LongTensor` of shape `(batch, n)`): causal-LM targets, -100 to ignore.
             use_cache (`bool`): return the `FamCache` to continue the stream.
             logits_to_keep (`int` or `torch.Tensor`): as in the base model's causal-LM head.
@@ -295,12 +306,16 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 starts from instead of S0, e.g. the final state of an earlier stream (`cache.fam_state()`, the
                 training recipe's random state passing). Only read when the stream starts.
         """
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("Pass the stream state as `cache` or as `past_key_values`, not both.")
+            cache = past_key_values
         use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         hidden_states, all_hidden, cache = self._final_hidden_states(
-            input_ids, inputs_embeds, attention_mask, past_key_values, fam_position_offset, fam_state, output_hidden_states
+            input_ids, inputs_embeds, attention_mask, cache, fam_position_offset, fam_state, output_hidden_states
         )
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.logits_from_hidden_states(hidden_states[:, slice_indices, :])
@@ -311,12 +326,12 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=cache if use_cache else None,
             hidden_states=all_hidden if output_hidden_states else None,
+            **{_OUTPUT_CACHE_FIELD: cache if use_cache else None},
         )
 
     def _final_hidden_states(
-        self, input_ids, inputs_embeds, attention_mask, past_key_values, fam_position_offset, fam_state, output_hidden_states
+        self, input_ids, inputs_embeds, attention_mask, cache, fam_position_offset, fam_state, output_hidden_states
     ):
         """The decoder part of `forward`: the block rows' normed last hidden states (b, n, hidden), all hidden states
         if asked, and the `FamCache` holding the continued streams."""
@@ -328,7 +343,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         batch, columns = inputs_embeds.shape[:2]
         if columns == 0:
             raise ValueError("The input has no tokens (sequence length 0).")
-        cache = self._stream_cache(past_key_values, batch, inputs_embeds, fam_position_offset, fam_state)
+        cache = self._stream_cache(cache, batch, inputs_embeds, fam_position_offset, fam_state)
         real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
         hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
         hidden_states = self.model.norm(hidden_states)
@@ -356,16 +371,14 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 "model.set_attn_implementation('sdpa')."
             )
 
-    def _stream_cache(self, past_key_values, batch, inputs_embeds, fam_position_offset, fam_state) -> FamCache:
-        if past_key_values is None or (
-            isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0
-        ):
+    def _stream_cache(self, given, batch, inputs_embeds, fam_position_offset, fam_state) -> FamCache:
+        if given is None or (isinstance(given, DynamicCache) and given.get_seq_length() == 0):
             cache = self.new_cache()
-        elif isinstance(past_key_values, FamCache):
-            cache = past_key_values
+        elif isinstance(given, FamCache):
+            cache = given
         else:
             raise TypeError(
-                f"past_key_values must be a FamCache (or None), got {type(past_key_values).__name__}. "
+                f"The cache must be a FamCache (or None), got {type(given).__name__}. "
                 "A FamForCausalLM keeps its stream state in a FamCache: pass the one a previous call returned."
             )
         cache.check_compatible(self.config, batch)
@@ -468,8 +481,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         # FAM rows join the call when a block completes (to compute the new S, rule 5) or when the keys of S are not
         # cached yet for the current block (rule 3); otherwise their cached keys/values serve the block rows.
         fam_rows = F > 0 and bool(completes.any() or not cache.fam_kv_fresh.all())
-        # ring slots written so far (at least one, so that an all-padding first call still has a key to attend to)
-        span = min(cache.ring_size, max(1, int(count_after.max())))
+        span = cache.window_span(count_after)
         segment = _Segment(start, end, token_index, block, completes, real_tokens, fam_rows, span)
         segment.writes = cache.token_writes(token_index)  # the same slots in every layer
 
@@ -506,7 +518,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             segment.position_ids,
             key_values,
         )
-        state.keys, state.values = key_values.keys, key_values.values
+        state.store(key_values.keys, key_values.values)
         if not segment.fam_rows:
             return output
         # Rule 5: the FAM rows' output is S[l] of the next block, only once the block is complete.
@@ -514,14 +526,14 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         return output[:, F:]
 
     @staticmethod
-    def _call_layer(layer, hidden, attention_mask, position_embeddings, position_ids, past_key_values):
+    def _call_layer(layer, hidden, attention_mask, position_embeddings, position_ids, block_cache):
         # Decoder layers differ in argument order: everything but the hidden states goes by keyword.
         output = layer(
             hidden,
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{_cache_argument(layer): block_cache},
         )
         return output[0] if isinstance(output, tuple) else output
 
@@ -583,6 +595,18 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 return raw_forward(rotary, x, position_ids, *extra)
 
         return fixed_forward
+
+
+def _cache_argument(layer) -> str:
+    """The name under which `layer` takes its cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+    kind = type(layer)
+    if kind not in _CACHE_ARGUMENT:
+        parameters = inspect.signature(kind.forward).parameters
+        _CACHE_ARGUMENT[kind] = "cache" if "cache" in parameters else "past_key_values"
+    return _CACHE_ARGUMENT[kind]
+
+
+_CACHE_ARGUMENT: dict[type, str] = {}
 
 
 def _fam_mask_function(query_index, key_index, block, block_size, memory_segments, window):

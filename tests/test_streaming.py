@@ -100,7 +100,7 @@ def cache_tensor_sizes(cache: FamCache):
 
 
 def test_cache_stops_growing():
-    """After 2, 20 and 200 blocks the cache holds tensors of exactly the same sizes: (M+1)B ring + FAM state."""
+    """After 2, 20 and 200 blocks the cache holds tensors of exactly the same sizes: (M+1)B window + FAM state."""
     B, M, F = 4, 2, 2
     model = fam_model("llama", B, M, F)
     ids = random_ids(1, 200 * B, seed=3)
@@ -113,7 +113,7 @@ def test_cache_stops_growing():
                 if blocks not in snapshots and consumed >= blocks * B:
                     snapshots[blocks] = cache_tensor_sizes(cache)
     assert snapshots[2] == snapshots[20] == snapshots[200]
-    assert snapshots[200]["0.keys"] == (1, 2, F + (M + 1) * B, 16)  # (batch, kv heads, FAM + ring slots, head dim)
+    assert snapshots[200]["0.keys"] == (1, 2, F + (M + 1) * B, 16)  # (batch, kv heads, FAM + window slots, head dim)
     assert snapshots[200]["0.fam_state"] == (1, F, 64)
     assert cache.get_seq_length() == 200 * B
 

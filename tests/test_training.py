@@ -38,13 +38,14 @@ def test_fam_prompt_gets_gradient_from_a_loss_on_the_last_block(family):
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "mixtral"])
 def test_gradient_checkpointing_keeps_memory_segments_and_gradients(family):
     """Under checkpointing the BSWA limit still equals the base model (memory segments are not dropped) and every
-    gradient equals the one computed without checkpointing."""
+    gradient equals the one computed without checkpointing, also on a sequence longer than the (M+1)B window (the
+    recompute of an early block must see its own memory, not the later blocks that replaced it in the cache)."""
     ids = random_ids(2, 24)
     labels = ids.clone()
 
-    def run(checkpointing, fam_length, seed=0):
+    def run(checkpointing, fam_length, memory_segments, seed=0):
         base = tiny_base(family, seed=seed)
-        fam = hf_fam.convert_to_fam(base, block_size=6, memory_segments=3, fam_length=fam_length)
+        fam = hf_fam.convert_to_fam(base, block_size=6, memory_segments=memory_segments, fam_length=fam_length)
         fam = randomize_fam_prompt(fam) if fam_length else fam
         fam.train()
         if checkpointing:
@@ -54,17 +55,19 @@ def test_gradient_checkpointing_keeps_memory_segments_and_gradients(family):
         grads = {name: p.grad.clone() for name, p in fam.named_parameters() if p.grad is not None}
         return base, out.logits.detach(), grads
 
-    base, logits, _ = run(True, 0)
+    base, logits, _ = run(True, 0, memory_segments=3)
     with torch.no_grad():
         expected = base.eval()(ids).logits
     assert_logits_close(logits, expected, what="BSWA-limit logits under checkpointing")
 
-    _, logits_plain, grads_plain = run(False, 2)
-    _, logits_ckpt, grads_ckpt = run(True, 2)
-    assert_logits_close(logits_ckpt, logits_plain)
-    assert grads_plain.keys() == grads_ckpt.keys() and "fam_prompt.weight" in grads_plain
-    for name in grads_plain:
-        assert_logits_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, what=f"gradient of {name}")
+    for fam_length, memory_segments in ((2, 3), (2, 1), (0, 1)):
+        _, logits_plain, grads_plain = run(False, fam_length, memory_segments)
+        _, logits_ckpt, grads_ckpt = run(True, fam_length, memory_segments)
+        assert_logits_close(logits_ckpt, logits_plain)
+        assert grads_plain.keys() == grads_ckpt.keys()
+        assert ("fam_prompt.weight" in grads_plain) == (fam_length > 0)
+        for name in grads_plain:
+            assert_logits_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, what=f"gradient of {name} (M={memory_segments})")
 
 
 def test_lora_adapters_of_the_base_model_apply_unchanged(tmp_path):
