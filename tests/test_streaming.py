@@ -131,6 +131,37 @@ def test_fam_state_save_and_restore_continues_the_stream_identically(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
+def test_a_stream_state_of_an_older_slot_layout_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = fam_model("llama", 4, 1, 2)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(random_ids(1, 10), cache=cache)
+    cache.save(tmp_path / "new.safetensors")
+    with safe_open(tmp_path / "new.safetensors", framework="pt") as f:
+        metadata = dict(f.metadata())
+    save_file(load_file(tmp_path / "new.safetensors"), tmp_path / "old.safetensors", metadata={**metadata, "format": "hf_fam.FamCache"})
+    with pytest.raises(ValueError, match="older hf-fam"):
+        FamCache.load(tmp_path / "old.safetensors")
+
+
+def test_cache_and_past_key_values_are_the_same_argument():
+    """`cache` (the name from transformers 5.24) and `past_key_values` (before) continue the same stream."""
+    model = fam_model("qwen3", 4, 1, 2)
+    ids = random_ids(1, 13)
+    with torch.no_grad():
+        expected = model(ids).logits
+        first, second = model.new_cache(), model.new_cache()
+        model(ids[:, :6], cache=first)
+        model(ids[:, :6], past_key_values=second)
+        for cache in (first, second):
+            assert_logits_close(model(ids[:, 6:], cache=cache).logits, expected[:, 6:])
+        with pytest.raises(ValueError, match="not both"):
+            model(ids[:, :1], cache=model.new_cache(), past_key_values=model.new_cache())
+
+
 @pytest.mark.parametrize(
     "family, cuts",
     [
