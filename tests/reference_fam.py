@@ -39,7 +39,6 @@ def _call(layer, hidden, mask, cos_sin, positions):
         attention_mask=mask,
         position_embeddings=cos_sin,
         position_ids=torch.tensor([positions]),
-        past_key_values=None,
     )
     return out[0] if isinstance(out, tuple) else out
 
