@@ -33,7 +33,7 @@ class FamCacheLayer(CacheLayerMixin):
 
     Tensors (b = batch size, F = fam_length, W = (M+1)*B):
         keys, values: (b, kv_heads, F + W, head_dim); slots [0, F) hold the keys/values of the rows of `fam_state`,
-            slot F + j those of token `FamCache.window_start(...) + j`, rotated at its position.
+            slot F + j those of token `FamCache.window_start() + j`, rotated at its position.
         fam_state: (b, F, hidden_size) S[l], the FAM input of this layer for the current block.
     """
 
@@ -83,7 +83,7 @@ class FamCacheLayer(CacheLayerMixin):
 
     def slide(self, rows: torch.Tensor, block_size: int, in_place: bool) -> None:
         """Drop the oldest block of the window of the rows `rows` (b,) (bool): window slot j takes slot j + B."""
-        if self.keys is None or not bool(rows.any()):
+        if self.keys is None:
             return
         start, keep = self.fam_length, self.window_size - block_size
         if in_place:
@@ -228,11 +228,9 @@ class FamCache(Cache):
             return None
         return tuple(layer.fam_state for layer in self.layers)
 
-    def window_start(self, count: torch.Tensor | None = None) -> torch.Tensor:
-        """(b,) stream index of the token in window slot 0 of each row while its stream is in block count // B
-        (`count` (b,) tokens consumed, by default the rows' current counts)."""
-        count = self.token_count if count is None else count
-        return (count // self.block_size - self.memory_segments).clamp(min=0) * self.block_size
+    def window_start(self) -> torch.Tensor:
+        """(b,) stream index of the token in window slot 0 of each row in its current block."""
+        return (self.token_count // self.block_size - self.memory_segments).clamp(min=0) * self.block_size
 
     def token_writes(self, token_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, columns, slots) of the real tokens (token_index >= 0) of a segment, which lies in each row's current
@@ -255,8 +253,9 @@ class FamCache(Cache):
         """Account for a processed segment: real_tokens (b,) consumed, `columns` columns, blocks `completed` (b,).
         Rows that completed block k >= M slide their windows (in place unless gradients are being recorded)."""
         slide = completed & (self.token_count // self.block_size >= self.memory_segments)
-        for layer in self.layers:
-            layer.slide(slide, self.block_size, in_place=not torch.is_grad_enabled())
+        if bool(slide.any()):  # once per segment, not per layer: a decoding step slides nothing
+            for layer in self.layers:
+                layer.slide(slide, self.block_size, in_place=not torch.is_grad_enabled())
         self.token_count = self.token_count + real_tokens
         self.seen_columns += columns
         fresh = torch.ones_like(self.fam_kv_fresh) if fam_recomputed else self.fam_kv_fresh
