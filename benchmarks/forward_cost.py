@@ -6,9 +6,10 @@
 Time: one process per length holds the three models (BSWA and FAM are conversions sharing the base model's
 weights) and times one pass of each in turn, --rounds times (base, BSWA, FAM, base, BSWA, FAM, ...), after a
 warm-up; the reported time is the median, so drift of the machine's speed hits every mode alike. Memory: every mode
-runs one more pass in a fresh process of its own, whose peak resident memory above the loaded model is sampled
-every 5 ms. Logits are kept for the last position only (logits_to_keep=1) so the 49k-entry vocabulary head does not
-dominate. "BSWA" is the same hf_fam code path with fam_length=0.
+runs one more pass in a fresh process of its own, with glibc's allocator pinned (`common.PINNED_ALLOCATOR`), whose
+peak resident memory above the loaded model is the kernel's high-water mark (`common.PeakMemory`). Logits are kept
+for the last position only (logits_to_keep=1) so the 49k-entry vocabulary head does not dominate. "BSWA" is the
+same hf_fam code path with fam_length=0.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import PAPER_SETTINGS, RESULTS, PeakMemory, load_model, machine, run_child, write_csv
+from common import PAPER_SETTINGS, PINNED_ALLOCATOR, RESULTS, PeakMemory, load_model, machine, run_child, write_csv
 
 
 MODES = ("base", "bswa", "fam")
@@ -84,7 +85,7 @@ def main():
         seconds = run_child(Path(__file__), "time", "all", str(length), "--rounds", str(args.rounds), timeout=6 * 3600)
         by_mode = {}
         for mode in MODES:
-            peak = run_child(Path(__file__), "memory", mode, str(length), timeout=3600)
+            peak = run_child(Path(__file__), "memory", mode, str(length), timeout=3600, env=PINNED_ALLOCATOR)
             times = sorted(seconds[mode])
             by_mode[mode] = {
                 "mode": mode,

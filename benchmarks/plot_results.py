@@ -54,10 +54,21 @@ def _lines(ax, rows, x, y, ylabel, title, modes=("base", "bswa", "fam")):
 
 
 def plot_stream_memory():
-    rows = read_csv(RESULTS / "stream_memory.csv")
+    rows = read_csv(RESULTS / "stream_memory_curve.csv")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    _lines(axes[0], rows, "tokens", "peak_added_mib", "MiB", "Peak memory added while streaming", ("base", "fam"))
-    _lines(axes[1], rows, "tokens", "cache_mib", "MiB", "Cache size at the end of the stream", ("base", "fam"))
+    for ax, value, title in (
+        (axes[0], "peak_added_mib", "Peak memory added since the stream began"),
+        (axes[1], "cache_mib", "Cache size"),
+    ):
+        for mode in ("base", "fam"):
+            points = sorted((int(r["tokens"]), float(r[value])) for r in rows if r["mode"] == mode)
+            if points:
+                ax.plot([p[0] / 1024 for p in points], [p[1] for p in points], ".-", label=LABELS[mode], color=COLORS[mode])
+        ax.set_xlabel("tokens streamed (thousands)")
+        ax.set_ylabel("MiB")
+        ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "stream_memory.png", dpi=120)
     plt.close(fig)
@@ -72,7 +83,7 @@ def plot_decode_speed():
     plt.close(fig)
 
 
-PLOTS = {"forward_cost.csv": plot_forward_cost, "stream_memory.csv": plot_stream_memory, "decode_speed.csv": plot_decode_speed}
+PLOTS = {"forward_cost.csv": plot_forward_cost, "stream_memory_curve.csv": plot_stream_memory, "decode_speed.csv": plot_decode_speed}
 
 
 def main():
