@@ -45,7 +45,6 @@ def cache_bytes(cache) -> int:
 
 def _scored_sums(mode: str, model, chunks):
     """Yield, per chunk, the sum of the log-likelihoods it adds, and the cache, as a perplexity evaluation does."""
-    import torch
     from transformers import DynamicCache
 
     import hf_fam
