@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import PAPER_SETTINGS, RESULTS, load_model, machine, run_child, write_csv
+from common import PAPER_SETTINGS, RESULTS, cache_argument, load_model, machine, run_child, write_csv
 
 
 MODES = ("base", "bswa", "fam")
@@ -41,6 +41,7 @@ def child(contexts: list[int], rounds: int, steps: int, warmup: int) -> list[dic
         "bswa": hf_fam.convert_to_fam(base, **dict(PAPER_SETTINGS, fam_length=0)).eval(),
         "fam": hf_fam.convert_to_fam(base, **PAPER_SETTINGS).eval(),
     }
+    cache_name = {mode: cache_argument(model) for mode, model in models.items()}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (1, max(contexts)), generator=generator)
     streams, prefill = {}, {}
@@ -50,17 +51,17 @@ def child(contexts: list[int], rounds: int, steps: int, warmup: int) -> list[dic
                 start = time.perf_counter()
                 if mode == "base":
                     cache = DynamicCache(config=model.config)
-                    logits = model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                    logits = model(ids[:, :context], **{cache_name[mode]: cache}, use_cache=True, logits_to_keep=1).logits
                 else:
                     cache = model.new_cache()
                     block = PAPER_SETTINGS["block_size"]
                     for i in range(0, context, block):
                         chunk = ids[:, i : min(i + block, context)]
-                        logits = model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                        logits = model(chunk, **{cache_name[mode]: cache}, use_cache=True, logits_to_keep=1).logits
                 prefill[(mode, context)] = time.perf_counter() - start
                 token = logits[:, -1:].argmax(-1)
                 for _ in range(warmup):
-                    token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    token = model(token, **{cache_name[mode]: cache}, use_cache=True).logits[:, -1:].argmax(-1)
                 streams[(mode, context)] = [cache, token]
         rates = {key: [] for key in streams}
         order = list(streams)
@@ -71,7 +72,7 @@ def child(contexts: list[int], rounds: int, steps: int, warmup: int) -> list[dic
                 model, (cache, token) = models[mode], stream
                 start = time.perf_counter()
                 for _ in range(steps):
-                    token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    token = model(token, **{cache_name[mode]: cache}, use_cache=True).logits[:, -1:].argmax(-1)
                 rates[(mode, context)].append(steps / (time.perf_counter() - start))
                 stream[1] = token
     return [
