@@ -55,13 +55,6 @@ def load_model(mode: str, settings: dict | None = None):
     return hf_fam.convert_to_fam(model, **settings).eval()
 
 
-def cache_argument(model) -> str:
-    """The name under which `model`'s forward takes its cache: transformers 5.24 renamed `past_key_values` to `cache`."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE

@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import PAPER_SETTINGS, RESULTS, cache_argument, load_model, machine, run_child, write_csv
+from common import PAPER_SETTINGS, RESULTS, load_model, machine, run_child, write_csv
 
 
 MODES = ("base", "bswa", "fam")
@@ -34,6 +34,7 @@ def child(contexts: list[int], rounds: int, steps: int, warmup: int) -> list[dic
     from transformers import DynamicCache
 
     import hf_fam
+    from hf_fam.modeling_fam import _cache_argument
 
     base = load_model("base")
     models = {
@@ -41,7 +42,8 @@ def child(contexts: list[int], rounds: int, steps: int, warmup: int) -> list[dic
         "bswa": hf_fam.convert_to_fam(base, **dict(PAPER_SETTINGS, fam_length=0)).eval(),
         "fam": hf_fam.convert_to_fam(base, **PAPER_SETTINGS).eval(),
     }
-    cache_name = {mode: cache_argument(model) for mode, model in models.items()}
+    # `cache` from transformers 5.24 on, `past_key_values` before
+    cache_name = {mode: _cache_argument(model) for mode, model in models.items()}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (1, max(contexts)), generator=generator)
     streams, prefill = {}, {}

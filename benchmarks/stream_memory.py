@@ -29,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-from common import PINNED_ALLOCATOR, RESULTS, PeakMemory, cache_argument, load_model, machine, rss_bytes, run_child, write_csv
+from common import PINNED_ALLOCATOR, RESULTS, PeakMemory, load_model, machine, rss_bytes, run_child, write_csv
 
 
 LOGITS_SLICE = 256  # as hf_fam.stream_log_likelihood
@@ -48,6 +48,7 @@ def _scored_sums(mode: str, model, chunks):
     from transformers import DynamicCache
 
     import hf_fam
+    from hf_fam.modeling_fam import _cache_argument
 
     if mode != "base":
         cache = model.new_cache()
@@ -59,7 +60,7 @@ def _scored_sums(mode: str, model, chunks):
     last = None
     for piece in chunks:
         total = 0.0
-        hidden = model.model(piece[None], **{cache_argument(model.model): cache}, use_cache=True).last_hidden_state[0]
+        hidden = model.model(piece[None], **{_cache_argument(model.model): cache}, use_cache=True).last_hidden_state[0]
         for first in range(0, len(piece) - 1, LOGITS_SLICE):  # the head a slice at a time, as the helper does
             end = min(first + LOGITS_SLICE, len(piece) - 1)
             logits = model.lm_head(hidden[first:end]).float()

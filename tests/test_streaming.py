@@ -1,7 +1,5 @@
 """Constant-memory streaming: chunked calls equal one call, the cache stops growing, state save/restore, bad input."""
 
-import inspect
-
 import pytest
 import torch
 from conftest import FAMILIES, assert_logits_close, random_ids, tiny_base
@@ -11,6 +9,7 @@ from test_fam_core import randomize_fam_prompt
 
 import hf_fam
 from hf_fam import FamCache
+from hf_fam.modeling_fam import _cache_argument
 
 
 _BASES = {}
@@ -217,9 +216,7 @@ def test_base_model_refuses_a_fam_cache():
         cache = model(random_ids(1, 10), use_cache=True).past_key_values
         with pytest.raises(TypeError, match="FamForCausalLM"):
             base = _BASES[("llama", "eager")]
-            # the base model's own name for its cache argument: `cache` from transformers 5.24, `past_key_values` before
-            name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-            base(random_ids(1, 3), **{name: cache})
+            base(random_ids(1, 3), **{_cache_argument(base): cache})  # `cache` from 5.24 on, `past_key_values` before
 
 
 @pytest.mark.parametrize("fam_length", [0, 2])
