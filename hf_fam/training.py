@@ -186,6 +186,21 @@ def load_fam_model(source, fam_settings: dict | None = None, dtype: str = "auto"
 
 
 # ------------------------------------------------------------------------------------------------ arguments
+def _deepspeed_zero_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a DeepSpeed run: from `TrainingArguments.deepspeed` (a dict or a JSON file), else from
+    what `accelerate launch` exports for an accelerate DeepSpeed config."""
+    config = deepspeed
+    if isinstance(config, (str, os.PathLike)) and Path(config).is_file():
+        config = json.loads(Path(config).read_text())
+    if isinstance(config, dict):
+        stage = (config.get("zero_optimization") or {}).get("stage")
+        return int(stage) if stage is not None else None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        return int(stage) if stage else None
+    return None
+
+
 @dataclass
 class FamTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the paper's training method (FAM_SPEC.md section 3); every option defaults to the
@@ -216,7 +231,12 @@ class FamTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+            # Non-reentrant by default (DDP-safe); ZeRO-3 with PEFT needs reentrant (frozen weights are partitioned
+            # to shape [0] when non-reentrant checkpointing recomputes: transformers #47254).
+            zero3 = _deepspeed_zero_stage(self.deepspeed) == 3
+            if zero3:
+                logger.info("DeepSpeed ZeRO-3: activation checkpointing switched to reentrant.")
+            self.activation_checkpointing_kwargs = {"use_reentrant": zero3}
         super().__post_init__()
         for name in ("fam_state_passing_probability", "fam_position_offset_probability"):
             value = getattr(self, name)

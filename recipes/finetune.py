@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def build_model(model_config: dict, lora_config: dict):
         dtype=model_config.get("dtype", "auto"),
         attn_implementation=model_config.get("attn_implementation"),
     )
+    for name, value in (model_config.get("text_config") or {}).items():
+        # base configuration switches read at run time, e.g. mixtral's output_router_logits (router aux loss)
+        setattr(model.config.text_config, name, value)
     lora_config = dict(lora_config)
     modules_to_save = list(lora_config.pop("modules_to_save", None) or [])
     modules_to_save += [m for m in fam_module_names(model) if m not in modules_to_save]
@@ -146,6 +150,11 @@ def main(argv=None) -> int:
         callbacks=[CSVLoggerCallback(output_dir / "log.csv")],
         training_info=training_info,
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning(
+            "An FSDP config was given, but accelerate runs these processes without FSDP (on CPU it falls back to DDP): "
+            "every process holds the whole model."
+        )
     if args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
