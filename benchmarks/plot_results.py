@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 
@@ -83,6 +85,27 @@ def plot_decode_speed():
     plt.close(fig)
 
 
+def plot_fam_update(stem: str = "fam_update"):
+    rows = read_csv(RESULTS / f"{stem}.csv")
+    settings = json.loads((RESULTS / f"{stem}.json").read_text())["settings"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    palette = {"base": COLORS["base"], "bswa": COLORS["bswa"], "fam replace": "#ff7f0e"}
+    reds = iter(["#d62728", "#9467bd", "#2ca02c", "#8c564b"])
+    for name in names:
+        points = [(int(r["tokens"]), float(r["perplexity"])) for r in rows if r["model"] == name]
+        color = palette.get(name) or next(reds)
+        ax.plot([p[0] / 1024 for p in points], [p[1] for p in points], ".-", label=name, color=color)
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the stream (thousands of tokens)")
+    ax.set_ylabel("perplexity of the bucket")
+    ax.set_title(f"Untrained conversion, SmolLM2-135M: B={settings['block_size']}, M={settings['memory_segments']}, F={settings['fam_length']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+    plt.close(fig)
+
+
 def plot_train_step():
     rows = read_csv(RESULTS / "train_step.csv")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -106,6 +129,9 @@ def main():
         if (RESULTS / name).exists():
             plot()
             print(f"plotted {name}")
+    for path in sorted(RESULTS.glob("fam_update*.csv")):
+        plot_fam_update(path.stem)
+        print(f"plotted {path.name}")
 
 
 if __name__ == "__main__":

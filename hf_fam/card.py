@@ -14,6 +14,8 @@ from .configuration_fam import FamConfig
 
 
 CARD_TEMPLATE = "templates/fam_model_card.md"
+# The tensors TransformerFAM adds to the base model: the FAM prompt and (gated update) one gate per layer.
+FAM_PARAMETER_KEYS = ("fam_prompt.weight", "fam_gate.weight")
 EVAL_RESULTS_FILE = "eval_results.json"
 _DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
@@ -48,7 +50,8 @@ def bswa_receptive_field(config: FamConfig) -> int:
 
 
 def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
-    """(total parameters, FAM prompt parameters) counted from the safetensors headers, without loading weights."""
+    """(total parameters, FAM parameters (prompt and gates)) counted from the safetensors headers, without loading
+    weights."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -64,7 +67,7 @@ def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
                 for dim in shape:
                     count *= dim
                 total += count
-                if key == "fam_prompt.weight":
+                if key in FAM_PARAMETER_KEYS:
                     fam += count
     return total, fam
 
@@ -85,6 +88,7 @@ def summarize(folder: str | Path) -> dict:
         "memory_segments": config.memory_segments,
         "fam_length": config.fam_length,
         "fam_prompt_init": config.fam_prompt_init,
+        "fam_update": config.fam_update,
         "base_model_type": text.model_type,
         "base_architectures": list(getattr(text, "architectures", None) or []),
         "num_hidden_layers": text.num_hidden_layers,

@@ -10,6 +10,12 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 FAM_PROMPT_INITS = ("random_tokens", "token_ids", "normal")
+# How the FAM state S[l] follows a completed block: "replace" is the paper's rule 5 (the layer's output on the FAM
+# rows becomes the state); "gated" moves from S0[l] towards that output by a learnable per-layer gate g[l]:
+# S[l] <- S0[l] + g[l] * (output - S0[l]). See FamConfig.
+FAM_UPDATES = ("gated", "replace")
+# A configuration written before `fam_update` existed used rule 5 as written.
+_FAM_UPDATE_BEFORE_OPTION = "replace"
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -56,6 +62,14 @@ class FamConfig(PreTrainedConfig):
             Token ids for `fam_prompt_init="token_ids"`; exactly `fam_length` of them.
         fam_prompt_seed (`int`, defaults to 0):
             Seed for the `"random_tokens"` and `"normal"` initialisations.
+        fam_update (`str`, defaults to `"gated"`):
+            How S[l] follows a completed block. `"replace"`: the layer's output on the FAM rows becomes S[l] (the
+            paper's rule, FAM_SPEC rule 5). `"gated"`: S[l] = S0[l] + g[l] * (output - S0[l]) with one learnable gate
+            g[l] per layer (`fam_gate.weight`, shape (num_hidden_layers,)), initialised to `fam_gate_init`; an
+            untrained FAM state then stays near S0 instead of drifting block after block, and training opens the
+            gates (g = 1 is rule 5). A saved configuration without this key predates it and means `"replace"`.
+        fam_gate_init (`float`, defaults to 0.1):
+            Initial value of every gate of the `"gated"` update.
     """
 
     model_type = "fam"
@@ -68,6 +82,14 @@ class FamConfig(PreTrainedConfig):
     fam_prompt_init: str = "random_tokens"
     fam_prompt_token_ids: list[int] | None = None
     fam_prompt_seed: int = 0
+    fam_update: str = "gated"
+    fam_gate_init: float = 0.1
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        if "fam_update" not in config_dict and "fam_update" not in kwargs:
+            config_dict = {**config_dict, "fam_update": _FAM_UPDATE_BEFORE_OPTION}
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         # The parent sets the attention and experts implementations recursively, None included; keep the base's own
@@ -81,6 +103,10 @@ class FamConfig(PreTrainedConfig):
         for attribute, value in kept.items():
             setattr(self.text_config, attribute, value)
         validate_fam_settings(self.block_size, self.memory_segments, self.fam_length)
+        if self.fam_update not in FAM_UPDATES:
+            raise ValueError(f"fam_update must be one of {FAM_UPDATES}, got {self.fam_update!r}")
+        if isinstance(self.fam_gate_init, bool) or not isinstance(self.fam_gate_init, (int, float)):
+            raise ValueError(f"fam_gate_init must be a number, got {self.fam_gate_init!r}")
         if self.fam_prompt_init not in FAM_PROMPT_INITS:
             raise ValueError(f"fam_prompt_init must be one of {FAM_PROMPT_INITS}, got {self.fam_prompt_init!r}")
         if self.fam_prompt_init == "token_ids":

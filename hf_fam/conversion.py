@@ -25,6 +25,8 @@ def convert_to_fam(
     fam_prompt_init: str = "random_tokens",
     fam_prompt_token_ids: list[int] | None = None,
     fam_prompt_seed: int = 0,
+    fam_update: str = "gated",
+    fam_gate_init: float = 0.1,
     **from_pretrained_kwargs,
 ) -> FamForCausalLM:
     """Turn a pretrained causal LM into a TransformerFAM model.
@@ -34,11 +36,14 @@ def convert_to_fam(
             folder, loaded with `AutoModelForCausalLM.from_pretrained(model_or_path, **from_pretrained_kwargs)`.
         block_size, memory_segments, fam_length: B, M and F (see [`FamConfig`]).
         fam_prompt_init, fam_prompt_token_ids, fam_prompt_seed: how the FAM prompt starts (see [`FamConfig`]).
+        fam_update, fam_gate_init: how the FAM state follows a completed block (see [`FamConfig`]); `"replace"` is
+            the paper's rule, `"gated"` (the default) keeps an untrained FAM state near its start.
         from_pretrained_kwargs: passed to `from_pretrained` when a path is given (`revision`, `dtype`, `gguf_file`,
             `token`, ...).
 
     Returns:
-        [`FamForCausalLM`]: every weight is the base model's; `fam_prompt.weight` is new.
+        [`FamForCausalLM`]: every weight is the base model's; `fam_prompt.weight` (and `fam_gate.weight` for the
+        gated update) is new.
     """
     validate_fam_settings(block_size, memory_segments, fam_length)
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -73,10 +78,14 @@ def convert_to_fam(
         fam_prompt_init=fam_prompt_init,
         fam_prompt_token_ids=fam_prompt_token_ids,
         fam_prompt_seed=fam_prompt_seed,
+        fam_update=fam_update,
+        fam_gate_init=fam_gate_init,
         dtype=model.dtype,
     )
     fam = FamForCausalLM(config, base_model=model)
     fam.fam_prompt.to(device=model.device, dtype=model.dtype)
+    if fam.fam_gate is not None:
+        fam.fam_gate.to(device=model.device, dtype=model.dtype)
     if getattr(model, "generation_config", None) is not None:
         fam.generation_config = model.generation_config
     fam.name_or_path = model.name_or_path

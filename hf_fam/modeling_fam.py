@@ -16,7 +16,10 @@ This file travels into converted checkpoints (``trust_remote_code=True``), so it
 from __future__ import annotations
 
 import inspect
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -24,7 +27,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils import logging
 
 from .cache_fam import FamCache
@@ -54,6 +57,9 @@ _FAM = -2
 _PAD = -1
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; both spellings work here.
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Keyword arguments of `forward` that go to the loss function (transformers' loss kwargs; the Trainer passes
+# `num_items_in_batch` to normalise a loss over gradient accumulation).
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -115,6 +121,18 @@ class FamPrompt(nn.Module):
         return f"fam_length={self.weight.shape[0]}, hidden_size={self.weight.shape[1]}"
 
 
+class FamGate(nn.Module):
+    """The per-layer gates g of the `"gated"` FAM update: `weight` is (num_hidden_layers,), and after a completed
+    block S[l] = S0[l] + g[l] * (output - S0[l]). Like the prompt, it lives outside the decoder layers."""
+
+    def __init__(self, num_layers: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_layers))
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.weight.shape[0]}"
+
+
 @dataclass
 class _Segment:
     """Columns [start, end) of the input in which no row crosses a block boundary.
@@ -137,6 +155,7 @@ class _Segment:
     position_ids: torch.Tensor = None
     masks: dict = None
     position_embeddings: dict = None
+    routed_rows: torch.Tensor = None
 
 
 class _BlockKeyValues:
@@ -149,9 +168,9 @@ class _BlockKeyValues:
     exactly the keys of the first pass.
     """
 
-    def __init__(self, layer_cache, segment: _Segment, fam_length: int, in_place: bool):
+    def __init__(self, layer_cache, source, segment: _Segment, fam_length: int, in_place: bool):
         self.layer_cache = layer_cache
-        self.source = (layer_cache.keys, layer_cache.values) if layer_cache.is_initialized else None
+        self.source = source
         self.segment = segment
         self.fam_length = fam_length
         self.in_place = in_place
@@ -183,6 +202,8 @@ class FamPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         if isinstance(module, FamPrompt):
             self._init_fam_prompt(module)
+        elif isinstance(module, FamGate):
+            init.constant_(module.weight, float(self.config.fam_gate_init))
         else:
             super()._init_weights(module)
 
@@ -237,11 +258,18 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         # The layers read their attention implementation from this object: make it the one FamConfig holds.
         config.text_config = decoder.config
         self.fam_prompt = FamPrompt(config.fam_length, config.hidden_size)
+        self.fam_gate = FamGate(config.num_hidden_layers) if config.fam_update == "gated" else None
         for layer in self.model.layers:
             # Memory keys/values enter attention through the layer's cache argument. In training our stand-in writes to
-            # copies of the buffers it started from, never to those, so the layers may keep it under gradient
-            # checkpointing: the recompute sees exactly the keys of the first pass.
+            # copies of the buffers it started from, never to those, so a layer that checkpoints itself (when something
+            # other than this model turns that on) may keep it: the recompute sees exactly the keys of the first pass.
             layer._can_checkpoint_with_cache = True
+        # Which decoder layers this model checkpoints itself (see _set_gradient_checkpointing).
+        self._checkpointed_layers = [False] * len(self.model.layers)
+        # Mixture-of-experts families: what the base causal LM's forward needs for its router load-balancing loss.
+        self._router = _router_settings(base_model)
+        self._router_recording = None
+        _register_peft_targets(config.text_config.model_type)
         self.post_init()
 
     # ------------------------------------------------------------------------------------------- accessors
@@ -268,6 +296,26 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         """An empty stream cache for this model (a `transformers` `Cache`)."""
         return FamCache.from_config(self.config)
 
+    # The model checkpoints its own layer calls (set by `activation_checkpointing_enable`, like any model's flag).
+    gradient_checkpointing = False
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1):
+        """Checkpoint the decoder-layer calls of the block loop instead of letting each layer checkpoint itself.
+
+        A layer call reads the memory keys/values through its cache argument, and reentrant checkpointing
+        (`use_reentrant=True`, torch's default for `checkpoint`) carries gradients only through the positional
+        inputs of the checkpointed function: the layer's own wrapper would treat the memory as constants. Here the
+        checkpointed function takes the FAM and block rows *and* the key/value buffers it reads as positional
+        inputs and returns the new buffers, so every checkpointing mode gives the gradients of none.
+        """
+        if gradient_checkpointing_func is None:
+            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        # The base class chose which layers to checkpoint (every_n_layers); keep that choice and do it here.
+        self._checkpointed_layers = [bool(layer.gradient_checkpointing) for layer in self.model.layers]
+        for layer in self.model.layers:
+            layer.gradient_checkpointing = False
+
     # -------------------------------------------------------------------------------------------- forward
     def forward(
         self,
@@ -280,11 +328,14 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
         fam_position_offset: int | torch.Tensor | None = None,
         fam_state: tuple[torch.Tensor, ...] | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
+        **loss_kwargs,
+    ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, n)`): token ids; or pass `inputs_embeds`.
@@ -300,12 +351,41 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             logits_to_keep (`int` or `torch.Tensor`): as in the base model's causal-LM head.
             output_hidden_states (`bool`): return the hidden states of the block rows after the embedding and after
                 every layer (the last one normed).
+            output_attentions (`bool`): not supported (attention is computed block by block with FAM rows); True is
+                refused.
+            output_router_logits (`bool`): mixture-of-experts families: return the router logits of every routed row
+                (block and FAM rows, padding left out) and add the base model's load-balancing loss, times its
+                `router_aux_loss_coef`, to the loss. Defaults to the base configuration's `output_router_logits`.
+            return_dict (`bool`): False returns a tuple, as transformers models do.
             fam_position_offset (`int` or `torch.LongTensor` of shape `(batch,)`): added to every position of a new
                 stream (the training recipe's random position offset). Only read when the stream starts.
             fam_state (`tuple` of `torch.Tensor`, one `(batch, F, hidden)` per layer): the FAM state a new stream
                 starts from instead of S0, e.g. the final state of an earlier stream (`cache.fam_state()`, the
-                training recipe's random state passing). Only read when the stream starts.
+                training recipe's random state passing). Only read when the stream starts. It is detached: no
+                gradient flows back into the stream it came from.
+            loss_kwargs: `num_items_in_batch` (what the Trainer passes to normalise over gradient accumulation),
+                `ignore_index`, `shift_labels`: passed to the loss function.
         """
+        unknown = sorted(set(loss_kwargs) - set(_LOSS_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}. "
+                "It takes the usual causal-LM arguments plus fam_position_offset and fam_state; packed-sequence "
+                "arguments (cu_seq_lens_*, seq_idx) are not supported: FAM packs documents without per-document masks."
+            )
+        if output_attentions:
+            raise ValueError(
+                "output_attentions=True is not supported by TransformerFAM: attention runs block by block over FAM "
+                "rows, memory segments and the current block, so there is no (sequence x sequence) attention map."
+            )
+        if output_router_logits is None:
+            output_router_logits = getattr(self.config.text_config, "output_router_logits", False)
+        if output_router_logits and self._router is None:
+            raise ValueError(
+                f"output_router_logits=True needs a mixture-of-experts base model; '{self.config.text_config.model_type}' "
+                "has no router."
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if past_key_values is not None:
             if cache is not None:
                 raise ValueError("Pass the stream state as `cache` or as `past_key_values`, not both.")
@@ -314,21 +394,30 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        hidden_states, all_hidden, cache = self._final_hidden_states(
-            input_ids, inputs_embeds, attention_mask, cache, fam_position_offset, fam_state, output_hidden_states
-        )
+        with _recording_router_logits(self, output_router_logits) as router_logits:
+            hidden_states, all_hidden, cache = self._final_hidden_states(
+                input_ids, inputs_embeds, attention_mask, cache, fam_position_offset, fam_state, output_hidden_states
+            )
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.logits_from_hidden_states(hidden_states[:, slice_indices, :])
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=all_hidden if output_hidden_states else None,
-            **{_OUTPUT_CACHE_FIELD: cache if use_cache else None},
-        )
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        fields = {
+            "loss": loss,
+            "logits": logits,
+            "hidden_states": all_hidden if output_hidden_states else None,
+            _OUTPUT_CACHE_FIELD: cache if use_cache else None,
+        }
+        if output_router_logits:
+            aux_loss = self._router.load_balancing_loss(router_logits)
+            if loss is not None:
+                loss = fields["loss"] = loss + self._router.coefficient * aux_loss.to(loss.device)
+            output = MoeCausalLMOutputWithPast(**fields, aux_loss=aux_loss, router_logits=tuple(router_logits))
+        else:
+            output = CausalLMOutputWithPast(**fields)
+        return output if return_dict else output.to_tuple()
 
     def _final_hidden_states(
         self, input_ids, inputs_embeds, attention_mask, cache, fam_position_offset, fam_state, output_hidden_states
@@ -391,9 +480,17 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             cache.start(batch, inputs_embeds.device, offset)
             if fam_state is not None:
                 self._check_fam_state(fam_state, batch)
-                cache.set_fam_state(tuple(state.to(inputs_embeds.dtype) for state in fam_state))
+                # The state enters this stream as data, with no gradient path back into the stream it came from
+                # (random state passing hands in the previous training step's state, whose graph is gone).
+                cache.set_fam_state(tuple(state.detach().to(inputs_embeds.dtype) for state in fam_state))
             elif self.config.fam_length > 0 and cache.fam_state() is None:
                 cache.set_fam_state(self.initial_fam_state(batch, cache.position_offset))
+        if self.fam_gate is not None and self.config.fam_length > 0 and cache.fam_initial_state() is None:
+            # The gated update moves from S0 towards each new output. S0 is what a new stream starts from; the FAM
+            # prompt's own states are used even when the stream starts from a handed-in state.
+            started_from_s0 = fam_state is None and cache.token_count.eq(0).all()
+            initial = cache.fam_state() if started_from_s0 else self.initial_fam_state(batch, cache.position_offset)
+            cache.set_fam_initial_state(initial)
         return cache
 
     def _check_fam_state(self, fam_state, batch) -> None:
@@ -502,6 +599,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 mask_function, batch, query_index.shape[1], key_index.shape[1], inputs_embeds.dtype
             )
         segment.position_embeddings = self._position_embeddings(inputs_embeds, segment.position_ids)
+        # rows whose router logits count for a mixture-of-experts load-balancing loss: FAM rows of rows that have
+        # tokens in this segment, and real tokens
+        has_tokens = (real_tokens > 0)[:, None].expand(-1, F)
+        segment.routed_rows = torch.cat([has_tokens, token_index >= 0], 1) if fam_rows else token_index >= 0
         return segment
 
     def _block_layer(self, layer, layer_idx: int, hidden, segment: _Segment, cache: FamCache):
@@ -509,7 +610,33 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         F = self.config.fam_length
         state = cache.layers[layer_idx]
         rows = torch.cat([state.fam_state, hidden], dim=1) if segment.fam_rows else hidden
-        key_values = _BlockKeyValues(state, segment, F, in_place=not torch.is_grad_enabled())
+        source = (state.keys, state.values) if state.is_initialized else (None, None)
+        # Decided here, outside any checkpoint: reentrant checkpointing runs its first pass without gradients.
+        in_place = not torch.is_grad_enabled()
+        call = partial(self._segment_layer_call, layer, layer_idx, segment, state, in_place)
+        if self._router_recording is not None:
+            self._router_recording.rows = segment.routed_rows
+        if self.gradient_checkpointing and self.training and in_place is False and self._checkpointed_layers[layer_idx]:
+            output, keys, values = self._gradient_checkpointing_func(call, rows, *source)
+        else:
+            output, keys, values = call(rows, *source)
+        state.store(keys, values)
+        if not segment.fam_rows:
+            return output
+        # Rule 5: the FAM rows' output is S[l] of the next block, only once the block is complete.
+        new_state = output[:, :F]
+        if self.fam_gate is not None:  # the gated update: S0 + g (output - S0)
+            initial = state.fam_initial
+            new_state = initial + self.fam_gate.weight[layer_idx].to(new_state.dtype) * (new_state - initial)
+        state.fam_state = torch.where(segment.completes[:, None, None], new_state, state.fam_state)
+        return output[:, F:]
+
+    def _segment_layer_call(self, layer, layer_idx, segment, layer_cache, in_place, rows, keys, values):
+        """One decoder-layer call on [FAM rows ;] segment rows, reading the key/value buffers (keys, values) (None
+        before the layer's first call). Returns (output rows, new keys, new values): a function of its tensor
+        arguments alone, so that checkpointing it is exact in every mode."""
+        source = None if keys is None else (keys, values)
+        key_values = _BlockKeyValues(layer_cache, source, segment, self.config.fam_length, in_place)
         output = self._call_layer(
             layer,
             rows,
@@ -518,12 +645,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             segment.position_ids,
             key_values,
         )
-        state.store(key_values.keys, key_values.values)
-        if not segment.fam_rows:
-            return output
-        # Rule 5: the FAM rows' output is S[l] of the next block, only once the block is complete.
-        state.fam_state = torch.where(segment.completes[:, None, None], output[:, :F], state.fam_state)
-        return output[:, F:]
+        return output, key_values.keys, key_values.values
 
     @staticmethod
     def _call_layer(layer, hidden, attention_mask, position_embeddings, position_ids, block_cache):
@@ -595,6 +717,79 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 return raw_forward(rotary, x, position_ids, *extra)
 
         return fixed_forward
+
+
+class _RouterLoss:
+    """What the base causal LM's forward uses for its mixture-of-experts load-balancing loss: the module whose output
+    holds the router logits (from the base decoder's `_can_record_outputs`, transformers' output-capturing table),
+    the family's `load_balancing_loss_func`, and its expert counts and loss coefficient."""
+
+    def __init__(self, target_class, index, loss_function, num_experts, top_k, coefficient):
+        self.target_class, self.index = target_class, index
+        self.loss_function, self.num_experts, self.top_k, self.coefficient = loss_function, num_experts, top_k, coefficient
+
+    def load_balancing_loss(self, router_logits: list[torch.Tensor]) -> torch.Tensor:
+        # The family's function averages over every routed row of every layer; all calls' rows at once give that mean.
+        return self.loss_function((torch.cat(router_logits),), self.num_experts, self.top_k, None)
+
+
+def _router_settings(base_model) -> _RouterLoss | None:
+    recorder = (getattr(base_model.model, "_can_record_outputs", None) or {}).get("router_logits")
+    module = sys.modules.get(type(base_model).__module__)
+    loss_function = getattr(module, "load_balancing_loss_func", None)
+    numbers = [getattr(base_model, name, None) for name in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")]
+    if recorder is None or loss_function is None or None in numbers:
+        return None
+    target_class = getattr(recorder, "target_class", recorder)
+    return _RouterLoss(target_class, getattr(recorder, "index", 0), loss_function, *numbers)
+
+
+class _RouterRecording(list):
+    """Router logits of the rows that count, one tensor per layer call; `rows` (b, q) says which rows of the
+    current call count (set by the block loop; None outside it, e.g. in the FAM prompt's own pass)."""
+
+    rows: torch.Tensor | None = None
+
+
+@contextmanager
+def _recording_router_logits(model, enabled: bool):
+    if not enabled:
+        yield None
+        return
+    recording = _RouterRecording()
+    index = model._router.index
+
+    def hook(module, args, output):
+        if recording.rows is not None:
+            logits = output[index] if isinstance(output, (tuple, list)) else output
+            recording.append(logits[recording.rows.reshape(-1).to(logits.device)])
+
+    handles = [m.register_forward_hook(hook) for m in model.model.modules() if isinstance(m, model._router.target_class)]
+    model._router_recording = recording
+    try:
+        yield recording
+    finally:
+        model._router_recording = None
+        for handle in handles:
+            handle.remove()
+
+
+def _register_peft_targets(model_type: str) -> None:
+    """Give peft default adapter targets for model type `fam`: those of the base family. peft keys its tables of
+    default targets by `config.model_type`, which is `fam` for every converted model; where several families are
+    converted in one process the entry is the union of theirs (names that a model lacks match nothing). Only done
+    when peft is imported already (before the model is built), so that importing hf_fam never imports peft."""
+    constants = sys.modules.get("peft.utils.constants")
+    if constants is None:
+        return
+    for name in dir(constants):
+        table = getattr(constants, name)
+        if not (name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(table, dict) and model_type in table):
+            continue
+        targets, known = table[model_type], table.get(FamConfig.model_type)
+        if isinstance(targets, (list, tuple, set)) and isinstance(known, (list, tuple, set)):
+            targets = sorted(set(known) | set(targets))
+        table[FamConfig.model_type] = targets
 
 
 def _cache_argument(layer) -> str:

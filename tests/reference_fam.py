@@ -44,8 +44,12 @@ def _call(layer, hidden, mask, cos_sin, positions):
 
 
 @torch.no_grad()
-def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None) -> torch.Tensor:
-    """Logits (n, vocab) of `fam_model` on one row of token ids (n,), from the spec's rules alone."""
+def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None, position_offset: int = 0) -> torch.Tensor:
+    """Logits (n, vocab) of `fam_model` on one row of token ids (n,), from the spec's rules alone.
+
+    `position_offset` is added to every position (the training recipe's random position offset). With
+    `fam_update="gated"` a completed block sets S[l] = S0[l] + g[l] * (output - S0[l]) instead of the output (rule 5).
+    """
     config = fam_model.config
     text_config = config.text_config
     B, M, F = config.block_size, config.memory_segments, config.fam_length
@@ -60,13 +64,15 @@ def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None) -> torc
     state = []
     if F > 0:
         hidden = fam_model.fam_prompt.weight[None]
-        positions = list(range(-F, 0))
+        positions = [p + position_offset for p in range(-F, 0)]
         mask = _mask([[True] * F for _ in range(F)], implementation, dtype)
         for layer, layer_type in zip(layers, layer_types):
             state.append(hidden)
             hidden = _call(layer, hidden, mask, _rotary(fam_model, hidden, positions, layer_type), positions)
+    initial = list(state)
     if fam_state is not None:
         state = [s for s in fam_state]
+    gates = fam_model.fam_gate.weight.tolist() if config.fam_update == "gated" else None
 
     embeddings = fam_model.model.embed_tokens(input_ids[None])
     blocks = [(start, min(start + B, n)) for start in range(0, n, B)]
@@ -81,7 +87,7 @@ def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None) -> torc
         memory_positions = [p for s in memory_blocks for p in range(blocks[s][0], blocks[s][1])]
         fam_positions = list(range(start - F, start))  # rule 2
         block_positions = list(range(start, end))
-        positions = memory_positions + fam_positions + block_positions
+        positions = [p + position_offset for p in memory_positions + fam_positions + block_positions]
         kinds = ["memory"] * len(memory_positions) + ["fam"] * F + ["block"] * b
         for l, (layer, layer_type) in enumerate(zip(layers, layer_types)):
             sliding = layer_type == "sliding_attention"
@@ -110,7 +116,8 @@ def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None) -> torc
             offset = len(memory_positions)
             layer_inputs[l + 1][t] = out[:, offset + F :]
             if F > 0 and b == B:  # rule 5: feedback only from a complete block
-                state[l] = out[:, offset : offset + F]
+                new = out[:, offset : offset + F]
+                state[l] = new if gates is None else initial[l] + gates[l] * (new - initial[l])
 
     hidden = torch.cat([layer_inputs[len(layers)][t] for t in range(len(blocks))], dim=1)
     logits = fam_model.lm_head(fam_model.model.norm(hidden))

@@ -26,7 +26,16 @@ def test_card_metadata_parses_with_huggingface_hub(converted):
     assert parsed.data.library_name == "transformers" and parsed.data.pipeline_tag == "text-generation"
     assert {"fam", "long-context", "gemma"} <= set(parsed.data.tags)
     assert "| `block_size` (B) | 16 |" in parsed.text and "No evaluation results" in parsed.text
-    assert "fam_prompt.weight" in parsed.text and "4 x 64 = 256 parameters" in parsed.text
+    # the gated update (the default) adds one gate per layer (2 layers) to the 4 x 64 prompt
+    assert "fam_prompt.weight" in parsed.text and "fam_gate.weight" in parsed.text and "258\n  parameters" in parsed.text
+    assert "| `fam_update` | `gated` |" in parsed.text
+
+
+def test_card_of_the_papers_update_names_it(tmp_path):
+    fam = hf_fam.convert_to_fam(tiny_base("gemma"), block_size=16, memory_segments=2, fam_length=4, fam_update="replace")
+    fam.save_pretrained(tmp_path)
+    text = render_model_card(tmp_path, repo_id="me/tiny-fam").text
+    assert "| `fam_update` | `replace` |" in text and "4 x 64 = 256 parameters" in text and "fam_gate" not in text
 
 
 def test_card_shows_an_evaluation_table_when_results_exist(converted):
@@ -45,8 +54,8 @@ def test_rewriting_the_card_keeps_base_model_and_license(converted):
 
 def test_summary_counts_parameters_from_the_safetensors_headers(converted):
     facts = summarize(converted)
-    assert facts["fam_parameters"] == 4 * 64
-    assert facts["parameters"] == facts["base_parameters"] + 256
+    assert facts["fam_parameters"] == 4 * 64 + 2 and facts["fam_update"] == "gated"  # prompt + a gate per layer
+    assert facts["parameters"] == facts["base_parameters"] + 258
     assert facts["bswa_receptive_field"] == 2 * 3 * 16
 
 

@@ -9,19 +9,23 @@ import textwrap
 import pytest
 import torch
 from conftest import FAMILIES, assert_logits_close, random_ids, tiny_base, tiny_config
-from test_fam_core import randomize_fam_prompt
+from test_fam_core import randomize_fam
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_fam
 from hf_fam import FamConfig, FamForCausalLM, UnsupportedArchitectureError
 
 
-def test_convert_shares_weights_and_adds_only_the_fam_prompt():
+def test_convert_shares_weights_and_adds_only_the_fam_prompt_and_gates():
     base = tiny_base("llama")
     base_keys = set(base.state_dict())
     fam = hf_fam.convert_to_fam(base, block_size=16, memory_segments=2, fam_length=4)
-    assert set(fam.state_dict()) == base_keys | {"fam_prompt.weight"}
+    assert fam.config.fam_update == "gated"  # the default
+    assert set(fam.state_dict()) == base_keys | {"fam_prompt.weight", "fam_gate.weight"}
     assert fam.fam_prompt.weight.shape == (4, 64)
+    assert torch.equal(fam.fam_gate.weight, torch.full((2,), fam.config.fam_gate_init)) and fam.config.fam_gate_init == 0.1
+    papers = hf_fam.convert_to_fam(base, block_size=16, memory_segments=2, fam_length=4, fam_update="replace")
+    assert set(papers.state_dict()) == base_keys | {"fam_prompt.weight"} and papers.fam_gate is None
     assert fam.model.layers[0].self_attn.q_proj.weight is base.model.layers[0].self_attn.q_proj.weight
     assert isinstance(fam.fam_prompt, torch.nn.Module)
 
@@ -47,7 +51,7 @@ def test_fam_prompt_initialised_from_token_embeddings_after_scaling():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_and_from_pretrained_round_trip(family, tmp_path):
-    fam = randomize_fam_prompt(hf_fam.convert_to_fam(tiny_base(family), block_size=7, memory_segments=1, fam_length=2))
+    fam = randomize_fam(hf_fam.convert_to_fam(tiny_base(family), block_size=7, memory_segments=1, fam_length=2))
     ids = random_ids(2, 25)
     with torch.no_grad():
         expected = fam(ids).logits
@@ -69,6 +73,21 @@ def test_save_and_from_pretrained_round_trip(family, tmp_path):
         assert_logits_close(loaded(ids).logits, expected)
     if loaded.config.tie_word_embeddings:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_a_checkpoint_saved_before_the_update_option_loads_with_the_papers_update(tmp_path):
+    """Configurations written before `fam_update` existed have no such key: they mean rule 5 as written."""
+    fam = randomize_fam(hf_fam.convert_to_fam(tiny_base("llama"), block_size=5, memory_segments=0, fam_length=2, fam_update="replace"))
+    fam.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["fam_update"], config["fam_gate_init"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.fam_update == "replace" and loaded.fam_gate is None
+    ids = random_ids(1, 23)
+    with torch.no_grad():
+        assert_logits_close(loaded(ids).logits, fam.eval()(ids).logits)
+    assert FamConfig(text_config=tiny_config("llama")).fam_update == "gated"  # a new configuration: the default
 
 
 def test_save_and_load_without_fam_rows(tmp_path):
@@ -107,7 +126,7 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent(
 
 
 def test_trust_remote_code_loads_where_hf_fam_is_not_installed(tmp_path):
-    fam = randomize_fam_prompt(hf_fam.convert_to_fam(tiny_base("qwen3"), block_size=6, memory_segments=1, fam_length=2))
+    fam = randomize_fam(hf_fam.convert_to_fam(tiny_base("qwen3"), block_size=6, memory_segments=1, fam_length=2))
     ids = random_ids(1, 20)
     with torch.no_grad():
         expected = fam.eval()(ids).logits

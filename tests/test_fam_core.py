@@ -13,12 +13,15 @@ def convert(base, **settings):
     return fam.eval()
 
 
-def randomize_fam_prompt(fam, seed=0, std=1.0):
-    """A FAM prompt far from any token embedding, so tests see the FAM path do something."""
+def randomize_fam(fam, seed=0, std=1.0):
+    """A FAM prompt far from any token embedding, and (gated update) a different gate in every layer, so tests see
+    the FAM path do something and a gate applied to the wrong layer shows."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         scale = fam.model.embed_tokens(torch.arange(8)).std()
         fam.fam_prompt.weight.copy_(torch.randn(fam.fam_prompt.weight.shape, generator=generator) * scale * std)
+        if fam.fam_gate is not None:
+            fam.fam_gate.weight.copy_(0.3 + torch.rand(fam.fam_gate.weight.shape, generator=generator))
     return fam
 
 
@@ -53,7 +56,7 @@ def test_bswa_limit_with_right_padding_matches_each_row_alone(family):
 def test_matches_reference_implementation(family):
     """With F > 0 and a random FAM prompt, the model equals the spec's rules written out in tests/reference_fam.py."""
     base = tiny_base(family)
-    fam = randomize_fam_prompt(convert(base, block_size=8, memory_segments=1, fam_length=3))
+    fam = randomize_fam(convert(base, block_size=8, memory_segments=1, fam_length=3))
     ids = random_ids(1, 37)  # four full blocks and a partial one
     with torch.no_grad():
         actual = fam(ids).logits[0]
@@ -65,7 +68,7 @@ def test_matches_reference_implementation(family):
 def test_matches_reference_with_padding_in_batch(family):
     """Rows with left and right padding and different lengths each equal the reference on their own tokens."""
     base = tiny_base(family)
-    fam = randomize_fam_prompt(convert(base, block_size=5, memory_segments=2, fam_length=2))
+    fam = randomize_fam(convert(base, block_size=5, memory_segments=2, fam_length=2))
     ids = random_ids(3, 33)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # left padding
@@ -82,7 +85,7 @@ def test_matches_reference_with_padding_in_batch(family):
 def test_causality(family):
     """Changing token t never changes the logits of earlier tokens."""
     base = tiny_base(family)
-    fam = randomize_fam_prompt(convert(base, block_size=6, memory_segments=1, fam_length=3))
+    fam = randomize_fam(convert(base, block_size=6, memory_segments=1, fam_length=3))
     ids = random_ids(1, 30)
     for t in (1, 5, 6, 17, 29):
         changed = ids.clone()
@@ -98,7 +101,7 @@ def test_fam_reaches_block_tokens_only_from_the_next_block(family):
     """With M = 0 a block sees the past only through the FAM; the FAM rows that read a later token of the block
     must not leak it into the block's earlier tokens, and must reach the next block."""
     base = tiny_base(family)
-    fam = randomize_fam_prompt(convert(base, block_size=8, memory_segments=0, fam_length=4))
+    fam = randomize_fam(convert(base, block_size=8, memory_segments=0, fam_length=4))
     ids = random_ids(1, 24)
     changed = ids.clone()
     changed[0, 13] += 1  # block 1 (tokens 8..15)
@@ -119,7 +122,7 @@ def test_memory_reach_beyond_bswa_receptive_field(family):
     changed = ids.clone()
     changed[0, 0] += 1
     for fam_length in (0, 2):
-        fam = randomize_fam_prompt(convert(tiny_base(family), block_size=B, memory_segments=M, fam_length=fam_length))
+        fam = randomize_fam(convert(tiny_base(family), block_size=B, memory_segments=M, fam_length=fam_length))
         with torch.no_grad():
             before, after = fam(ids).logits, fam(changed).logits
         far = (after[0, receptive_field:] - before[0, receptive_field:]).abs().max().item()
@@ -136,7 +139,7 @@ def test_eager_and_sdpa_agree(family):
     mask[0, :4] = 0
     logits = {}
     for attn in ("eager", "sdpa"):
-        fam = randomize_fam_prompt(convert(tiny_base(family, attn), block_size=7, memory_segments=2, fam_length=3))
+        fam = randomize_fam(convert(tiny_base(family, attn), block_size=7, memory_segments=2, fam_length=3))
         with torch.no_grad():
             logits[attn] = fam(ids, attention_mask=mask).logits
     keep = mask.bool()
@@ -172,3 +175,19 @@ def test_bswa_limit_with_length_dependent_rotary(family, overrides, length):
     assert_logits_close(actual, expected)
     assert_logits_close(again, actual, rtol=1e-6)
     assert_logits_close(long.logits[:, :16], short, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_position_offset_matches_reference_with_the_same_offset(family):
+    """Rotary attention is relative, so an offset added to every position changes logits only by rounding: the
+    reference given the same offset must agree to 1e-5, and the test checks that the offset's effect is larger
+    than that (so ignoring the offset would fail)."""
+    fam = randomize_fam(convert(tiny_base(family), block_size=8, memory_segments=1, fam_length=3))
+    ids = random_ids(1, 37)
+    offset = 56_000  # within [0, 2 pi rope_theta): what the training recipe draws
+    with torch.no_grad():
+        shifted = fam(ids, fam_position_offset=offset).logits[0]
+        plain = fam(ids).logits[0]
+    expected = reference_logits(fam, ids[0], position_offset=offset)
+    assert_logits_close(shifted, expected)
+    assert (shifted - plain).abs().max() > 10 * 1e-5 * plain.abs().max(), "the offset had no measurable effect"

@@ -5,7 +5,7 @@ import torch
 from conftest import FAMILIES, assert_logits_close, random_ids, tiny_base
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fam_core import randomize_fam_prompt
+from test_fam_core import randomize_fam
 
 import hf_fam
 from hf_fam import FamCache
@@ -21,7 +21,7 @@ def fam_model(family, block_size, memory_segments, fam_length, attn="eager"):
     if key not in _BASES:
         _BASES[key] = tiny_base(family, attn)
     fam = hf_fam.convert_to_fam(_BASES[key], block_size=block_size, memory_segments=memory_segments, fam_length=fam_length)
-    return randomize_fam_prompt(fam).eval()
+    return randomize_fam(fam).eval()
 
 
 def run_chunked(model, ids, chunk_sizes, attention_mask=None):
