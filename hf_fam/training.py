@@ -257,6 +257,15 @@ class FamTrainer(Trainer):
         if not isinstance(self.args, FamTrainingArguments):
             raise TypeError("FamTrainer takes FamTrainingArguments (TrainingArguments plus the FAM training options).")
         self.training_info = dict(training_info or {})
+        checkpointing = self.args.activation_checkpointing_kwargs or {}
+        data_parallel = self.accelerator.distributed_type.name.startswith("MULTI_")
+        if self.args.activation_checkpointing and checkpointing.get("use_reentrant") and data_parallel:
+            raise ValueError(
+                "Reentrant activation checkpointing fails under DDP with a FAM model: every decoder layer runs once per "
+                "block, and DDP's reducer stops with 'Expected to mark a variable ready only once' (static_graph does "
+                "not help). Use activation_checkpointing_kwargs={'use_reentrant': False} (the default); reentrant is "
+                "for DeepSpeed ZeRO-3."
+            )
         self._carried_state: tuple[torch.Tensor, ...] | None = None
         self._rng_step, self._rng_micro = -1, 0
         self._last_inputs: dict = {}  # what the last training forward pass received besides the batch (inspection)
