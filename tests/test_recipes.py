@@ -418,3 +418,18 @@ def test_overrides_find_their_key_or_say_which_keys_exist():
     config["data"]["max_steps"] = 1
     with pytest.raises(ConfigError, match="ambiguous"):
         apply_override(config, "max_steps=2")
+
+
+def test_a_converted_fam_folder_loads_for_training_with_its_settings_overridable(tiny_model_dir, tmp_path):
+    from hf_fam.training import is_fam_checkpoint
+
+    model, tokenizer, _ = load_fam_model(str(tiny_model_dir), FAM, dtype="float32")
+    model.save_pretrained(tmp_path / "fam")
+    tokenizer.save_pretrained(tmp_path / "fam")
+    assert is_fam_checkpoint(tmp_path / "fam") and not is_fam_checkpoint(tiny_model_dir) and not is_fam_checkpoint(None)
+    loaded, loaded_tokenizer, _ = load_fam_model(str(tmp_path / "fam"), {"block_size": 32}, dtype="float32")
+    assert isinstance(loaded, hf_fam.FamForCausalLM) and loaded_tokenizer is not None
+    assert (loaded.config.block_size, loaded.config.memory_segments, loaded.config.fam_length) == (32, 0, 4)
+    torch.testing.assert_close(loaded.fam_prompt.weight, model.fam_prompt.weight)
+    with pytest.raises(ValueError, match="Unknown FAM setting"):
+        load_fam_model(str(tiny_model_dir), {"blok_size": 16})
