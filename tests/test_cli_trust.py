@@ -1,0 +1,114 @@
+"""Issue 15, "CLI you can trust": the `hf-fam` console script run as a user runs it (subprocesses, no network) on
+the paths where it used to invent output, destroy inputs, or fail without saying what to do. The push paths are in
+test_push.py (they need the fake Hub)."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_ids, tiny_base
+from test_cli import HF_FAM, OFFLINE_ENV, assert_clean_error, hf_fam_cli, leftovers
+
+import hf_fam
+from hf_fam.io_utils import atomic_directory
+
+
+def tree(folder: Path) -> dict:
+    """Every file and folder under `folder` with its bytes (None for folders): the state a failure must not change."""
+    return {p.relative_to(folder).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in sorted(folder.rglob("*"))}
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if ": error: " in line]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny llama checkpoint, a tiny GPT-2 one and a converted (FAM) tiny llama."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("trust")
+    tiny_base("llama").save_pretrained(root / "tiny-llama")
+    gpt2 = AutoConfig.for_model("gpt2", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(gpt2).save_pretrained(root / "tiny-gpt2")
+    hf_fam.convert_to_fam(tiny_base("llama"), block_size=8, memory_segments=1, fam_length=2).save_pretrained(root / "tiny-fam")
+    return {name: root / name for name in ("tiny-llama", "tiny-gpt2", "tiny-fam")}
+
+
+def copy_of(folder: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, target)
+    return target
+
+
+# ------------------------------------------------------------------------ 1. info invents nothing
+
+
+# ------------------------------------------------------------- 3. and 4. nothing the user owns is replaced
+
+
+# -------------------------------------------------------------- 5. damaged files are named, with the fix
+
+
+# ---------------------------------------------------------- 6. unsupported families refused from the header
+def write_gguf(path: Path, architecture: str, truncate: int = 0) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_tensor("token_embd.weight", np.zeros((256, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if truncate:
+        path.write_bytes(path.read_bytes()[:-truncate])
+    return path
+
+
+# ------------------------------------------------------ 7. a name that is neither a folder nor reachable
+def no_hub_env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in OFFLINE_ENV.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and k != "TRANSFORMERS_OFFLINE"}
+    return {**env, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
+
+
+# ------------------------------------------------------------------------------- 8. messages that fit
+
+
+# --------------------------------------------------------------------------- 9. help without torch
+@pytest.fixture(scope="module")
+def no_torch_env(tmp_path_factory):
+    """An environment where `import torch` and `import transformers` fail."""
+    poisoned = tmp_path_factory.mktemp("poisoned")
+    for name in ("torch", "transformers"):
+        (poisoned / f"{name}.py").write_text(f"raise ImportError('{name} must not be imported here')\n")
+    return {**OFFLINE_ENV, "PYTHONPATH": str(poisoned)}
+
+
+def test_import_hf_fam_is_light_and_still_registers_the_auto_classes(folders):
+    script = (
+        "import sys\n"
+        "import hf_fam\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'import hf_fam imported torch'\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "print(type(AutoConfig.from_pretrained(sys.argv[1])).__name__, type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)\n"
+        "print(hf_fam.FamForCausalLM.__name__, hf_fam.convert_to_fam.__name__, len(hf_fam.SUPPORTED_MODEL_TYPES))\n"
+    )
+    other_order = "from transformers import AutoModelForCausalLM\nimport hf_fam\nimport sys\nprint(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)\n"
+    submodule_first = "import sys\nimport hf_fam.modeling_fam\nfrom transformers import AutoModelForCausalLM\nprint(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)\n"
+    outputs = []
+    for code in (script, other_order, submodule_first):
+        result = subprocess.run([sys.executable, "-c", code, str(folders["tiny-fam"])], capture_output=True, text=True, env=OFFLINE_ENV, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "could not register" not in result.stderr
+        outputs.append(result.stdout.split())
+    assert outputs[0] == ["FamConfig", "FamForCausalLM", "FamForCausalLM", "convert_to_fam", str(len(hf_fam.SUPPORTED_MODEL_TYPES))]
+    assert outputs[1] == outputs[2] == ["FamForCausalLM"]
