@@ -52,7 +52,53 @@ def copy_of(folder: Path, target: Path) -> Path:
 # ------------------------------------------------------------- 3. and 4. nothing the user owns is replaced
 
 
+def test_atomic_directory_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old folder has been moved aside; the new one cannot take its place
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "weights").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["model"] and (target / "weights").read_text() == "old"
+
+
+def test_atomic_directory_refuses_the_current_folder(tmp_path, monkeypatch):
+    from hf_fam.io_utils import OutputPathError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep").write_text("1")
+    for target in (".", "..", tmp_path, Path("sub", "..")):
+        with pytest.raises(OutputPathError, match="current folder"):
+            with atomic_directory(target, overwrite=True):
+                pass
+    assert os.listdir(tmp_path) == ["keep"] and leftovers(tmp_path.parent) == []
+
+
 # -------------------------------------------------------------- 5. damaged files are named, with the fix
+
+
+def test_famcache_load_of_a_damaged_file_names_it(tmp_path):
+    from hf_fam import FamCache
+
+    model = hf_fam.convert_to_fam(tiny_base("llama"), block_size=4, memory_segments=1, fam_length=2).eval()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(random_ids(1, 10), cache=cache)
+    path = tmp_path / "stream.safetensors"
+    cache.save(path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="damaged or incomplete") as error:
+        FamCache.load(path)
+    assert str(path) in str(error.value) and "FamCache.save" in str(error.value)
 
 
 # ---------------------------------------------------------- 6. unsupported families refused from the header
@@ -81,6 +127,17 @@ def no_hub_env(tmp_path, **extra) -> dict:
 
 
 # ------------------------------------------------------------------------------- 8. messages that fit
+
+
+def test_cache_misuse_names_the_cache_argument():
+    small = hf_fam.convert_to_fam(tiny_base("llama"), block_size=4, memory_segments=1, fam_length=2).eval()
+    other = hf_fam.convert_to_fam(tiny_base("llama"), block_size=8, memory_segments=1, fam_length=2).eval()
+    cache = small.new_cache()
+    with torch.no_grad():
+        small(random_ids(1, 6), cache=cache)
+        with pytest.raises(ValueError, match="another FAM configuration") as error:
+            other(random_ids(1, 3), cache=cache)
+    assert "cache=None" in str(error.value) and "past_key_values" not in str(error.value)
 
 
 # --------------------------------------------------------------------------- 9. help without torch
