@@ -120,13 +120,43 @@ def write_gguf(path: Path, architecture: str, truncate: int = 0) -> Path:
     return path
 
 
+def test_an_unsupported_gguf_is_refused_before_its_weights_are_read(tmp_path):
+    # the tensor data is cut short: had the weights been read, this would be a read error
+    path = write_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2", truncate=32 * 1024)
+    result = hf_fam_cli("convert", path, tmp_path / "out")
+    assert_clean_error(result, "tiny-gpt2.gguf holds a 'gpt2' model", "Supported decoder families: llama")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_an_unsupported_folder_is_refused_before_its_weights_are_read(folders, tmp_path):
+    source = copy_of(folders["tiny-gpt2"], tmp_path / "gpt2")
+    (source / "model.safetensors").write_bytes(b"not weights")
+    result = hf_fam_cli("convert", source, tmp_path / "out")
+    assert_clean_error(result, "model_type 'gpt2' is not supported")
+    assert "damaged" not in result.stderr
+
+
 # ------------------------------------------------------ 7. a name that is neither a folder nor reachable
 def no_hub_env(tmp_path, **extra) -> dict:
     env = {k: v for k, v in OFFLINE_ENV.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and k != "TRANSFORMERS_OFFLINE"}
     return {**env, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
 
 
+def test_a_bare_name_with_hf_hub_offline(tmp_path):
+    result = hf_fam_cli("convert", "no-such-dir", tmp_path / "out", env=no_hub_env(tmp_path, HF_HUB_OFFLINE="1"))
+    assert_clean_error(result, "no-such-dir is not a local folder", "HF_HUB_OFFLINE is set")
+    assert len(error_lines(result)) == 1
+
+
 # ------------------------------------------------------------------------------- 8. messages that fit
+
+
+def test_block_size_beyond_max_position_embeddings_warns(folders, tmp_path):
+    result = hf_fam_cli("convert", folders["tiny-llama"], tmp_path / "out", "--block-size", 1024, "--fam-length", 2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "block_size=1024 is larger than the base model's max_position_embeddings=512" in result.stderr
+    quiet = hf_fam_cli("convert", folders["tiny-llama"], tmp_path / "out2", "--block-size", 512, "--fam-length", 2)
+    assert quiet.returncode == 0 and "max_position_embeddings" not in quiet.stderr
 
 
 def test_cache_misuse_names_the_cache_argument():
