@@ -47,9 +47,82 @@ def copy_of(folder: Path, target: Path) -> Path:
 
 
 # ------------------------------------------------------------------------ 1. info invents nothing
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_info_refuses_a_folder_that_is_not_a_fam_checkpoint(family, as_json, folders):
+    result = hf_fam_cli("info", folders[family], *(["--json"] if as_json else []))
+    model_type = "llama" if family == "tiny-llama" else "gpt2"
+    assert_clean_error(result, "is not a TransformerFAM checkpoint", f"model_type '{model_type}'", "hf-fam convert")
+    assert result.stdout == ""  # no invented settings, sizes or memory (it used to print 32 layers, 4.1 GiB)
+    assert "4096" not in result.stderr and "GiB" not in result.stderr
+
+
+def test_info_still_describes_a_fam_checkpoint(folders):
+    result = hf_fam_cli("info", folders["tiny-fam"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "B=8, memory_segments M=1, fam_length F=2" in result.stdout and "hidden size 64" in result.stdout
 
 
 # ------------------------------------------------------------- 3. and 4. nothing the user owns is replaced
+def test_convert_refuses_to_overwrite_its_own_source(folders, tmp_path):
+    source = copy_of(folders["tiny-llama"], tmp_path / "parent" / "tiny-llama")
+    before = tree(tmp_path)
+    for output in (source, source.parent, tmp_path / "parent" / "." / "tiny-llama"):
+        result = hf_fam_cli("convert", source, output, "--block-size", 8, "--fam-length", 2, "--overwrite")
+        assert_clean_error(result, "the source being converted", "another output folder")
+        assert "unexpected" not in result.stderr
+    assert tree(tmp_path) == before
+
+
+def test_convert_refuses_to_overwrite_the_gguf_file_it_reads(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF" + b"\0" * 60)
+    before = tree(tmp_path)
+    result = hf_fam_cli("convert", folder / "model.gguf", folder, "--overwrite")
+    assert_clean_error(result, "the source being converted")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["dot", "dotdot", "source", "existing-without-overwrite", "file-output", "bad-block-size", "missing-source",
+     "unsupported-family", "truncated-weights", "not-a-checkpoint"],
+)
+def test_every_convert_failure_leaves_the_parent_folder_as_it_was(case, folders, tmp_path):
+    """Every refusal and failure: exit 1, one paragraph, and not one byte changed or left behind around OUTPUT."""
+    work = tmp_path / "work"
+    source = copy_of(folders["tiny-gpt2" if case == "unsupported-family" else "tiny-llama"], work / "src")
+    (work / "mine").mkdir()
+    (work / "mine" / "notes.txt").write_text("mine")
+    (work / "a-file").write_text("a file")
+    (work / "other").mkdir()
+    (work / "other" / "keep.txt").write_text("keep")
+    if case == "truncated-weights":
+        weights = source / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    if case == "not-a-checkpoint":
+        (source / "config.json").unlink()
+    cwd = work / "mine"
+    output, extra = {
+        "dot": (".", ["--overwrite"]),
+        "dotdot": ("..", ["--overwrite"]),
+        "source": ("../src", ["--overwrite"]),
+        "existing-without-overwrite": ("../other", []),
+        "file-output": ("../a-file", ["--overwrite"]),
+        "bad-block-size": ("../out", ["--block-size", "0"]),
+    }.get(case, ("../out", ["--overwrite"]))
+    source_argument = "../nope" if case == "missing-source" else "../src"
+    before = tree(tmp_path)
+    result = subprocess.run(
+        [HF_FAM, "convert", source_argument, output, "--block-size", "8", "--fam-length", "2", *extra],
+        capture_output=True, text=True, env=OFFLINE_ENV, cwd=cwd, timeout=600,
+    )
+    assert_clean_error(result)
+    assert len(error_lines(result)) == 1 and "unexpected" not in result.stderr, result.stderr[-2000:]
+    assert tree(tmp_path) == before
+    if case in ("dot", "dotdot"):
+        assert "current folder" in error_lines(result)[0] and "Errno" not in result.stderr
 
 
 def test_atomic_directory_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
@@ -84,6 +157,16 @@ def test_atomic_directory_refuses_the_current_folder(tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------- 5. damaged files are named, with the fix
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_a_damaged_weights_file_is_named_with_the_fix(damage, command, folders, tmp_path):
+    folder = copy_of(folders["tiny-fam"], tmp_path / "fam")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2] if damage == "truncated" else b"")
+    arguments = ["--prompt", "Hello"] if command == "generate" else []
+    result = hf_fam_cli(command, folder, *arguments)
+    assert_clean_error(result, str(weights), "damaged or incomplete", "hf-fam convert", "download it again")
+    assert "unexpected" not in result.stderr and len(error_lines(result)) == 1
 
 
 def test_famcache_load_of_a_damaged_file_names_it(tmp_path):
@@ -142,6 +225,20 @@ def no_hub_env(tmp_path, **extra) -> dict:
     return {**env, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
 
 
+@pytest.mark.parametrize("command", ["convert", "generate"])
+def test_a_bare_name_that_is_not_a_folder_and_the_hub_unreachable(command, tmp_path):
+    env = no_hub_env(tmp_path, HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there: connection refused
+    arguments = ["no-such-dir", tmp_path / "out"] if command == "convert" else ["no-such-dir", "--prompt", "Hi"]
+    start = time.monotonic()
+    result = hf_fam_cli(command, *arguments, env=env)
+    elapsed = time.monotonic() - start
+    assert_clean_error(result, "no-such-dir is not a local folder", "Hub could not be reached", "offline")
+    assert len(error_lines(result)) == 1
+    assert "thrown while requesting" not in result.stderr and "Retrying" not in result.stderr, result.stderr
+    assert elapsed < 25, elapsed  # it used to retry for ~33 s
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bare_name_with_hf_hub_offline(tmp_path):
     result = hf_fam_cli("convert", "no-such-dir", tmp_path / "out", env=no_hub_env(tmp_path, HF_HUB_OFFLINE="1"))
     assert_clean_error(result, "no-such-dir is not a local folder", "HF_HUB_OFFLINE is set")
@@ -149,6 +246,9 @@ def test_a_bare_name_with_hf_hub_offline(tmp_path):
 
 
 # ------------------------------------------------------------------------------- 8. messages that fit
+def test_question_with_prompt_is_refused(folders):
+    result = hf_fam_cli("generate", folders["tiny-fam"], "--prompt", "Hello", "--question", "Why?")
+    assert_clean_error(result, "--question goes with --prompt-file")
 
 
 def test_block_size_beyond_max_position_embeddings_warns(folders, tmp_path):
@@ -178,6 +278,31 @@ def no_torch_env(tmp_path_factory):
     for name in ("torch", "transformers"):
         (poisoned / f"{name}.py").write_text(f"raise ImportError('{name} must not be imported here')\n")
     return {**OFFLINE_ENV, "PYTHONPATH": str(poisoned)}
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["--version"], *[[c, "--help"] for c in ("convert", "info", "generate", "push", "presets")]])
+def test_help_runs_where_torch_cannot_be_imported(arguments, no_torch_env):
+    result = hf_fam_cli(*arguments, env=no_torch_env, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: hf-fam" in result.stdout or "hf-fam 0." in result.stdout
+
+
+def test_the_poisoned_environment_does_stop_torch(no_torch_env, folders):
+    result = hf_fam_cli("info", folders["tiny-fam"], env=no_torch_env, timeout=60)
+    assert result.returncode != 0 and "must not be imported here" in result.stderr
+
+
+def test_every_command_has_a_one_line_description():
+    listing = hf_fam_cli("--help").stdout
+    commands = ["convert", "info", "generate", "push", "presets"]
+    for command in commands:
+        assert any(line.split()[:1] == [command] and len(line.split()) > 1 for line in listing.splitlines()), (command, listing)
+        text = hf_fam_cli(command, "--help").stdout
+        paragraphs = text.split("\n\n")
+        assert paragraphs[0].startswith(f"usage: hf-fam {command}")
+        description = paragraphs[1].strip()
+        assert description and not description.startswith(("positional arguments", "options")), (command, text)
+        assert description.splitlines()[0][0].isupper(), description
 
 
 def test_import_hf_fam_is_light_and_still_registers_the_auto_classes(folders):

@@ -209,3 +209,14 @@ def test_a_failed_push_leaves_the_folder_byte_for_byte_unchanged(failure, conver
         assert hub.requests == []
     assert hub.commits == []
 
+
+@pytest.mark.parametrize("failure", ["no-token", "invalid-repo-id"])
+def test_convert_checks_push_to_hub_before_converting(failure, base_folder, hub, tmp_path):
+    env = hub_env(hub, tmp_path)
+    if failure == "no-token":
+        del env["HF_TOKEN"]
+    repo_id = "user/bad..name" if failure == "invalid-repo-id" else "user/converted"
+    out = tmp_path / "out"
+    result = hf_fam_cli("convert", base_folder, out, "--block-size", 8, "--fam-length", 2, "--push-to-hub", repo_id, env=env)
+    assert_clean_error(result, "No Hugging Face token" if failure == "no-token" else "not a valid Hub repository id")
+    assert "Loading" not in result.stderr and not out.exists() and hub.requests == []
