@@ -188,7 +188,7 @@ class FamCache(Cache):
             raise ValueError(
                 "This FamCache was built for another FAM configuration: "
                 + ", ".join(f"{k}={have} in the cache but {want} in the model" for k, (have, want) in differ.items())
-                + ". Start a new stream with a fresh cache (past_key_values=None)."
+                + ". Start a new stream with a fresh cache (cache=None, or model.new_cache())."
             )
         if self.token_count is not None and self.batch_size != batch_size:
             raise ValueError(
@@ -337,9 +337,16 @@ class FamCache(Cache):
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FamCache:
         """Read a stream state written by `save`."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        try:
+            handle = safe_open(os.fspath(path), framework="pt", device=str(device))
+        except SafetensorError as error:
+            raise ValueError(
+                f"{path} is damaged or incomplete ({error}): not a whole file written by FamCache.save. Copy it again, "
+                "or run the stream again and save its state anew."
+            ) from error
+        with handle as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != _FORMAT:
                 older = metadata.get("format") == "hf_fam.FamCache"

