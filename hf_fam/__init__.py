@@ -26,6 +26,7 @@ _PUBLIC = {
     "FamCache": "cache_fam",
     "FamConfig": "configuration_fam",
     "FamForCausalLM": "modeling_fam",
+    "FamGate": "modeling_fam",
     "FamPrompt": "modeling_fam",
     "UnsupportedArchitectureError": "modeling_fam",
     "convert_to_fam": "conversion",

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fam-prompt-init", default="random_tokens", metavar="{random_tokens,normal,text:TEXT}",
         help="initial FAM prompt: embeddings of random tokens, N(0, initializer_range), or the embeddings of TEXT's tokens (cycled to F)",
     )
+    convert.add_argument(
+        "--fam-update", default="gated", choices=["gated", "replace"],
+        help="how the FAM state follows each block: gated (S <- S + g (new - S), a learnable gate per layer starting at "
+        "--fam-gate-init; an untrained state drifts 1/g times slower) or replace (the paper's rule: the new state "
+        "replaces the old; an untrained conversion collapses after a few blocks on long inputs)",
+    )
+    convert.add_argument("--fam-gate-init", type=float, default=0.1, help="initial gate of the gated update")
     convert.add_argument("--preset", default=None, help="a preset name from conversion/presets (list them with `hf-fam presets`)")
     convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype of the output weights; auto keeps the source's (float32 for GGUF)")
     convert.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE")
@@ -186,12 +193,15 @@ def cmd_convert(args) -> int:
         prompt_kwargs = {"fam_prompt_init": "token_ids", "fam_prompt_token_ids": [ids[i % len(ids)] for i in range(settings["fam_length"])]}
     _progress(
         f"Converting ({loaded.model.config.model_type}, {loaded.model.config.num_hidden_layers} layers) with "
-        f"block_size={settings['block_size']}, memory_segments={settings['memory_segments']}, fam_length={settings['fam_length']} ..."
+        f"block_size={settings['block_size']}, memory_segments={settings['memory_segments']}, fam_length={settings['fam_length']}, "
+        f"fam_update={args.fam_update} ..."
     )
     from .conversion import convert_to_fam
     from .hub import push_folder, write_model_card
 
-    fam = convert_to_fam(loaded.model, **settings, **prompt_kwargs)
+    fam = convert_to_fam(
+        loaded.model, **settings, **prompt_kwargs, fam_update=args.fam_update, fam_gate_init=args.fam_gate_init
+    )
     license = loaded.license or (preset.license if preset else None)
     _progress(f"Writing {output} ...")
     with atomic_directory(output, overwrite=args.overwrite) as tmp:
@@ -243,7 +253,7 @@ def cmd_info(args) -> int:
         f"TransformerFAM checkpoint: {path}",
         f"  FAM settings        block_size B={b}, memory_segments M={m}, fam_length F={f} (prompt init: {facts['fam_prompt_init']})",
         f"  FAM update          {facts['fam_update']}: "
-        + ("S = S0 + g (new - S0), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule 5)"),
+        + ("S <- S + g (new - S), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule 5)"),
         f"  base architecture   {facts['base_model_type']} {', '.join(facts['base_architectures'])} - {facts['num_hidden_layers']} layers, hidden size {facts['hidden_size']}, {facts['dtype']}",
         f"  parameters          {facts['parameters']:,} ({human_count(facts['parameters'])}) = base {facts['base_parameters']:,} + FAM {facts['fam_parameters']:,} "
         + (f"(prompt {f} x {facts['hidden_size']}" + (f", {facts['num_hidden_layers']} gates)" if facts["fam_update"] == "gated" else ")")),

@@ -823,4 +823,4 @@ def _fam_mask_function(query_index, key_index, block, block_size, memory_segment
     return mask_function
 
 
-__all__ = ["FamForCausalLM", "FamPreTrainedModel", "FamPrompt", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError"]
+__all__ = ["FamForCausalLM", "FamGate", "FamPreTrainedModel", "FamPrompt", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError"]

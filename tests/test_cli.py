@@ -365,3 +365,17 @@ def test_generate_streams_text_and_reports_speed(converted_smollm2):
 def test_generate_with_a_missing_prompt_file(base_folders, tmp_path):
     result = hf_fam_cli("generate", base_folders["llama"], "--prompt-file", tmp_path / "missing.txt")
     assert_clean_error(result, "does not exist")
+
+
+def test_convert_fam_update_flag_reaches_the_config_info_and_card(base_folders, tmp_path):
+    out = tmp_path / "out"
+    args = ("convert", base_folders["llama"], out, "--block-size", 8, "--fam-length", 2)
+    assert hf_fam_cli(*args, "--fam-update", "replace").returncode == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["fam_update"] == "replace"
+    assert "FAM update          replace" in hf_fam_cli("info", out).stdout
+    assert "| `fam_update` | `replace` |" in (out / "README.md").read_text()
+    gated = tmp_path / "gated"
+    assert hf_fam_cli("convert", base_folders["llama"], gated, "--block-size", 8, "--fam-length", 2, "--fam-gate-init", 0.25).returncode == 0
+    config = json.loads((gated / "config.json").read_text())
+    assert config["fam_update"] == "gated" and config["fam_gate_init"] == 0.25
