@@ -35,7 +35,6 @@ class FamCacheLayer(CacheLayerMixin):
         keys, values: (b, kv_heads, F + W, head_dim); slots [0, F) hold the keys/values of the rows of `fam_state`,
             slot F + j those of token `FamCache.window_start() + j`, rotated at its position.
         fam_state: (b, F, hidden_size) S[l], the FAM input of this layer for the current block.
-        fam_initial: (b, F, hidden_size) S0[l], what the `"gated"` FAM update moves from (None for `"replace"`).
     """
 
     is_compileable = False
@@ -46,7 +45,6 @@ class FamCacheLayer(CacheLayerMixin):
         self.fam_length = fam_length
         self.window_size = window_size
         self.fam_state: torch.Tensor | None = None
-        self.fam_initial: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.store(*self.empty_buffers(key_states, value_states))
@@ -114,7 +112,7 @@ class FamCacheLayer(CacheLayerMixin):
         return self.window_size
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("keys", "values", "fam_state", "fam_initial")
+        names = ("keys", "values", "fam_state")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def _apply_to_rows(self, fn) -> None:
@@ -131,7 +129,7 @@ class FamCacheLayer(CacheLayerMixin):
         self._apply_to_rows(lambda t: t[indices])
 
     def reset(self) -> None:
-        self.keys = self.values = self.fam_state = self.fam_initial = None
+        self.keys = self.values = self.fam_state = None
         self.is_initialized = False
 
 
@@ -190,7 +188,7 @@ class FamCache(Cache):
             raise ValueError(
                 "This FamCache was built for another FAM configuration: "
                 + ", ".join(f"{k}={have} in the cache but {want} in the model" for k, (have, want) in differ.items())
-                + ". Start a new stream with a fresh cache (past_key_values=None)."
+                + ". Start a new stream with a fresh cache (cache=None, or model.new_cache())."
             )
         if self.token_count is not None and self.batch_size != batch_size:
             raise ValueError(
@@ -229,19 +227,6 @@ class FamCache(Cache):
         if self.layers[0].fam_state is None:
             return None
         return tuple(layer.fam_state for layer in self.layers)
-
-    def set_fam_initial_state(self, fam_initial: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
-        """Set S0[l] for every layer: what the `"gated"` FAM update moves from."""
-        if len(fam_initial) != len(self.layers):
-            raise ValueError(f"fam_initial needs one tensor per layer ({len(self.layers)}), got {len(fam_initial)}")
-        for layer, state in zip(self.layers, fam_initial):
-            layer.fam_initial = state
-
-    def fam_initial_state(self) -> tuple[torch.Tensor, ...] | None:
-        """S0[l] of every layer, each (b, F, hidden_size), as set for the `"gated"` update, else None."""
-        if self.layers[0].fam_initial is None:
-            return None
-        return tuple(layer.fam_initial for layer in self.layers)
 
     def window_start(self) -> torch.Tensor:
         """(b,) stream index of the token in window slot 0 of each row in its current block."""
@@ -352,9 +337,16 @@ class FamCache(Cache):
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FamCache:
         """Read a stream state written by `save`."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        try:
+            handle = safe_open(os.fspath(path), framework="pt", device=str(device))
+        except SafetensorError as error:
+            raise ValueError(
+                f"{path} is damaged or incomplete ({error}): not a whole file written by FamCache.save. Copy it again, "
+                "or run the stream again and save its state anew."
+            ) from error
+        with handle as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != _FORMAT:
                 older = metadata.get("format") == "hf_fam.FamCache"

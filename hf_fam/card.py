@@ -11,6 +11,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 
 from .configuration_fam import FamConfig
+from .io_utils import CONVERTED_FIX, DamagedFileError, damaged_file_message
 
 
 CARD_TEMPLATE = "templates/fam_model_card.md"
@@ -52,7 +53,7 @@ def bswa_receptive_field(config: FamConfig) -> int:
 def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
     """(total parameters, FAM parameters (prompt and gates)) counted from the safetensors headers, without loading
     weights."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
@@ -60,7 +61,11 @@ def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
         raise FileNotFoundError(f"No .safetensors weights in {folder}")
     total = fam = 0
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        try:
+            handle = safe_open(file, framework="pt")
+        except SafetensorError as error:
+            raise DamagedFileError(damaged_file_message(file, error, CONVERTED_FIX)) from error
+        with handle as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
                 count = 1
@@ -72,6 +77,15 @@ def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
     return total, fam
 
 
+def folder_model_type(folder: str | Path) -> str | None:
+    """`model_type` in the config.json of `folder` (None when it has none); raises ValueError for unreadable JSON."""
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except json.JSONDecodeError as error:
+        raise DamagedFileError(f"{path} is not valid JSON ({error}). {CONVERTED_FIX}") from error
+
+
 def checkpoint_dtype(config: FamConfig) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -79,6 +93,9 @@ def checkpoint_dtype(config: FamConfig) -> torch.dtype:
 
 def summarize(folder: str | Path) -> dict:
     """Everything `hf-fam info` prints and the model card shows, read from a converted folder."""
+    model_type = folder_model_type(folder)
+    if model_type != FamConfig.model_type:
+        raise ValueError(f"{folder} is not a TransformerFAM checkpoint: its config.json has model_type {model_type!r}.")
     config = FamConfig.from_pretrained(folder)
     total, fam = checkpoint_parameters(folder)
     dtype = checkpoint_dtype(config)

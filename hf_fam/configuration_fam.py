@@ -11,8 +11,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 FAM_PROMPT_INITS = ("random_tokens", "token_ids", "normal")
 # How the FAM state S[l] follows a completed block: "replace" is the paper's rule 5 (the layer's output on the FAM
-# rows becomes the state); "gated" moves from S0[l] towards that output by a learnable per-layer gate g[l]:
-# S[l] <- S0[l] + g[l] * (output - S0[l]). See FamConfig.
+# rows becomes the state); "gated" moves the state towards that output by a learnable per-layer gate g[l]:
+# S[l] <- S[l] + g[l] * (output - S[l]). See FamConfig.
 FAM_UPDATES = ("gated", "replace")
 # A configuration written before `fam_update` existed used rule 5 as written.
 _FAM_UPDATE_BEFORE_OPTION = "replace"
@@ -64,10 +64,12 @@ class FamConfig(PreTrainedConfig):
             Seed for the `"random_tokens"` and `"normal"` initialisations.
         fam_update (`str`, defaults to `"gated"`):
             How S[l] follows a completed block. `"replace"`: the layer's output on the FAM rows becomes S[l] (the
-            paper's rule, FAM_SPEC rule 5). `"gated"`: S[l] = S0[l] + g[l] * (output - S0[l]) with one learnable gate
-            g[l] per layer (`fam_gate.weight`, shape (num_hidden_layers,)), initialised to `fam_gate_init`; an
-            untrained FAM state then stays near S0 instead of drifting block after block, and training opens the
-            gates (g = 1 is rule 5). A saved configuration without this key predates it and means `"replace"`.
+            paper's rule, FAM_SPEC rule 5). `"gated"`: S[l] <- S[l] + g[l] * (output - S[l]) with one learnable gate
+            g[l] per layer (`fam_gate.weight`, shape (num_hidden_layers,)), initialised to `fam_gate_init`: an
+            untrained FAM state then drifts 1/g times slower than under rule 5 (each output adds the layer's
+            attention and feed-forward updates to the state's residual), what it holds is kept as under rule 5, and
+            training may open the gates (g = 1 is rule 5). A saved configuration without this key predates it and
+            means `"replace"`.
         fam_gate_init (`float`, defaults to 0.1):
             Initial value of every gate of the `"gated"` update.
     """

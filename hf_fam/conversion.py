@@ -68,6 +68,13 @@ def convert_to_fam(
             "Convert the base model before adding PEFT adapters, or merge them first (model.merge_and_unload())."
         )
     check_supported_config(model.config)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and block_size > max_positions:
+        logger.warning(
+            f"block_size={block_size} is larger than the base model's max_position_embeddings={max_positions}: tokens "
+            "of one block would sit further apart than any the model was trained on, which usually degrades its "
+            f"output. Choose a block_size (--block-size) of at most {max_positions}."
+        )
     if not getattr(model.config, "architectures", None):  # e.g. a model built from a config or a GGUF file
         model.config.architectures = [type(model).__name__]
     config = FamConfig(

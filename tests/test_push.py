@@ -171,3 +171,52 @@ def test_push_to_an_unreachable_endpoint_fails_cleanly(converted_folder, tmp_pat
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens on the discard port
     result = hf_fam_cli("push", folder, "user/tiny-fam", env=env)
     assert_clean_error(result, "Could not reach the Hub", "HF_ENDPOINT")
+
+
+# ------------------------------------------------------------------------------- issue 15: failed pushes
+@pytest.mark.parametrize("failure", ["no-token", "rejected-token", "unreachable", "invalid-repo-id"])
+def test_a_failed_push_leaves_the_folder_byte_for_byte_unchanged(failure, converted_folder, tmp_path):
+    """The card the user edited survives a failed push, and nothing is left in the folder or the temporary folder."""
+    folder = tmp_path / "tiny-fam"
+    shutil.copytree(converted_folder, folder)
+    card = folder / "README.md"
+    card.write_text(card.read_text() + "\n## My own notes\n\nEdited by hand; keep this.\n")
+    before = folder_files(folder)
+    times = {path: path.stat().st_mtime_ns for path in folder.rglob("*")}
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    with FakeHub(rejected_tokens={"hf_revoked"}) as hub:
+        env = hub_env(hub, tmp_path, token="hf_revoked" if failure == "rejected-token" else TOKEN)
+        env["TMPDIR"] = str(temp)
+        if failure == "no-token":
+            del env["HF_TOKEN"]
+        if failure == "unreachable":
+            env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+        repo_id = "user/not a repo!" if failure == "invalid-repo-id" else "user/tiny-fam"
+        result = hf_fam_cli("push", folder, repo_id, env=env)
+    fragments = {
+        "no-token": ["No Hugging Face token", "hf auth login", "HF_TOKEN", "Nothing was uploaded"],
+        "rejected-token": ["401", "HF_TOKEN"],
+        "unreachable": ["Could not reach the Hub"],
+        "invalid-repo-id": ["'user/not a repo!' is not a valid Hub repository id", "your-name/smollm2-135m-fam"],
+    }[failure]
+    message = assert_clean_error(result, *fragments)
+    assert "repo_type" not in message and "Hub rejected" not in message
+    assert folder_files(folder) == before
+    assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == times
+    assert os.listdir(temp) == []
+    if failure in ("no-token", "invalid-repo-id"):  # local checks: the Hub was never contacted
+        assert hub.requests == []
+    assert hub.commits == []
+
+
+@pytest.mark.parametrize("failure", ["no-token", "invalid-repo-id"])
+def test_convert_checks_push_to_hub_before_converting(failure, base_folder, hub, tmp_path):
+    env = hub_env(hub, tmp_path)
+    if failure == "no-token":
+        del env["HF_TOKEN"]
+    repo_id = "user/bad..name" if failure == "invalid-repo-id" else "user/converted"
+    out = tmp_path / "out"
+    result = hf_fam_cli("convert", base_folder, out, "--block-size", 8, "--fam-length", 2, "--push-to-hub", repo_id, env=env)
+    assert_clean_error(result, "No Hugging Face token" if failure == "no-token" else "not a valid Hub repository id")
+    assert "Loading" not in result.stderr and not out.exists() and hub.requests == []
