@@ -12,8 +12,10 @@ gradients cleared after each step (no optimizer update: it costs the same in eve
 
 Time: one process per length holds the three models (separate copies: LoRA layers are injected into the modules, so
 they cannot share them) and times one step of each in turn, --rounds times (base, BSWA, FAM, base, BSWA, FAM, ...),
-after a warm-up step on 1k tokens; the reported time is the median, so drift of the machine's speed hits every mode
-alike. Memory: every mode runs one more step in a fresh process of its own, with glibc's allocator pinned
+after a warm-up step on 256 tokens; the reported time is the median, so drift of the machine's speed hits every mode
+alike. On a shared machine the wall-clock time of a minutes-long step depends on the other tenants, so the step's
+CPU seconds (all threads of the process, with OpenMP's idle threads sleeping instead of spinning:
+OMP_WAIT_POLICY=PASSIVE) are recorded too; their ratios are the steadier measure of the work a mode does. Memory: every mode runs one more step in a fresh process of its own, with glibc's allocator pinned
 (`common.PINNED_ALLOCATOR`); its peak resident memory above the loaded model is the kernel's high-water mark
 (`common.PeakMemory`). "BSWA" is the same hf_fam code path with fam_length=0.
 """
@@ -60,17 +62,20 @@ def training_step(model, ids) -> float:
 
 
 def time_child(length: int, rounds: int) -> dict:
+    """Wall-clock and CPU seconds (this process, all threads) of each mode's step, per round."""
     models = {mode: trainable_model(mode) for mode in MODES}
     ids = _inputs(models["base"].config.vocab_size, length)
     seconds = {mode: [] for mode in MODES}
+    cpu = {mode: [] for mode in MODES}
     for model in models.values():
-        training_step(model, ids[:, :1024])  # warm-up
+        training_step(model, ids[:, :256])  # warm-up
     for _ in range(rounds):
         for mode, model in models.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             training_step(model, ids)
             seconds[mode].append(time.perf_counter() - start)
-    return seconds
+            cpu[mode].append(time.process_time() - start_cpu)
+    return {"wall": seconds, "cpu": cpu}
 
 
 def memory_child(mode: str, length: int) -> float:
@@ -97,7 +102,10 @@ def main():
 
     rows, summary = _previous_results(args.lengths)
     for length in args.lengths:
-        seconds = run_child(Path(__file__), "time", "all", str(length), "--rounds", str(args.rounds), timeout=12 * 3600)
+        # OpenMP threads that wait sleep instead of spinning, so CPU seconds count work, not waiting for a busy core
+        measured = run_child(Path(__file__), "time", "all", str(length), "--rounds", str(args.rounds), timeout=12 * 3600,
+                             env={"OMP_WAIT_POLICY": "PASSIVE"})
+        seconds, cpu = measured["wall"], measured["cpu"]
         by_mode = {}
         for mode in MODES:
             peak = float("nan") if args.no_memory else run_child(Path(__file__), "memory", mode, str(length), timeout=3600, env=PINNED_ALLOCATOR)
@@ -108,29 +116,38 @@ def main():
                 "seconds": round(statistics.median(times), 3),
                 "seconds_min": round(times[0], 3),
                 "seconds_max": round(times[-1], 3),
+                "cpu_seconds": round(statistics.median(cpu[mode]), 3),
                 "rounds": len(times),
                 "peak_added_mib": round(peak, 1),
             }
             rows.append(by_mode[mode])
-            print(f"{mode:5s} {length:6d} tokens: {statistics.median(times):8.2f} s (runs: {', '.join(f'{t:.2f}' for t in seconds[mode])}), peak +{peak:8.1f} MiB", flush=True)
+            print(
+                f"{mode:5s} {length:6d} tokens: {statistics.median(times):8.2f} s (runs: {', '.join(f'{t:.2f}' for t in seconds[mode])}), "
+                f"CPU {statistics.median(cpu[mode]):8.2f} s (runs: {', '.join(f'{t:.2f}' for t in cpu[mode])}), peak +{peak:8.1f} MiB",
+                flush=True,
+            )
         fam, bswa, base = by_mode["fam"], by_mode["bswa"], by_mode["base"]
         summary.append({
             "tokens": length,
             "fam_over_bswa_time": fam["seconds"] / bswa["seconds"],
             "fam_over_bswa_time_per_round": [f / b for f, b in zip(seconds["fam"], seconds["bswa"])],
             "fam_over_base_time": fam["seconds"] / base["seconds"],
+            "fam_over_bswa_cpu": fam["cpu_seconds"] / bswa["cpu_seconds"],
+            "fam_over_bswa_cpu_per_round": [f / b for f, b in zip(cpu["fam"], cpu["bswa"])],
+            "fam_over_base_cpu": fam["cpu_seconds"] / base["cpu_seconds"],
             "fam_over_bswa_memory": fam["peak_added_mib"] / bswa["peak_added_mib"],
             "fam_over_base_memory": fam["peak_added_mib"] / base["peak_added_mib"],
         })
         _write(rows, summary)  # after every length, so a long run keeps what it finished
 
     print(f"\nMachine: {machine()}")
-    print(f"{'tokens':>7} {'FAM/BSWA time':>14} {'FAM/base time':>14} {'FAM/BSWA mem':>13} {'FAM/base mem':>13}")
+    print(f"{'tokens':>7} {'FAM/BSWA time':>14} {'FAM/BSWA CPU':>13} {'FAM/base time':>14} {'FAM/base CPU':>13} {'FAM/BSWA mem':>13}")
     for r in summary:
         print(
-            f"{r['tokens']:7d} {r['fam_over_bswa_time']:14.3f} {r['fam_over_base_time']:14.3f} "
-            f"{r['fam_over_bswa_memory']:13.3f} {r['fam_over_base_memory']:13.3f}   "
-            f"(FAM/BSWA per round: {', '.join(f'{x:.3f}' for x in r['fam_over_bswa_time_per_round'])})"
+            f"{r['tokens']:7d} {r['fam_over_bswa_time']:14.3f} {r['fam_over_bswa_cpu']:13.3f} {r['fam_over_base_time']:14.3f} "
+            f"{r['fam_over_base_cpu']:13.3f} {r['fam_over_bswa_memory']:13.3f}   "
+            f"(FAM/BSWA per round, time: {', '.join(f'{x:.3f}' for x in r['fam_over_bswa_time_per_round'])}; "
+            f"CPU: {', '.join(f'{x:.3f}' for x in r['fam_over_bswa_cpu_per_round'])})"
         )
     print(f"Wrote {RESULTS / 'train_step.csv'}, train_step.json and train_step.png")
 
