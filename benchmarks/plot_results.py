@@ -106,7 +106,22 @@ def plot_fam_update(stem: str = "fam_update"):
     plt.close(fig)
 
 
-PLOTS = {"forward_cost.csv": plot_forward_cost, "stream_memory_curve.csv": plot_stream_memory, "decode_speed.csv": plot_decode_speed}
+def plot_train_step():
+    rows = read_csv(RESULTS / "train_step.csv")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    _grouped_bars(axes[0], rows, "seconds", "seconds", "One training step, SmolLM2-135M + LoRA (CPU)")
+    _grouped_bars(axes[1], rows, "peak_added_mib", "MiB", "Peak memory added by the step")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "train_step.png", dpi=120)
+    plt.close(fig)
+
+
+PLOTS = {
+    "forward_cost.csv": plot_forward_cost,
+    "stream_memory_curve.csv": plot_stream_memory,
+    "decode_speed.csv": plot_decode_speed,
+    "train_step.csv": plot_train_step,
+}
 
 
 def main():

@@ -134,8 +134,12 @@ def render_model_card(
     license: str | None = None,
     source_description: str | None = None,
     fine_tuned: bool = False,
+    training: dict | None = None,
 ) -> ModelCard:
-    """The model card of a converted (or fine-tuned) folder, with Hub metadata, from `model_cards/`' template."""
+    """The model card of a converted (or fine-tuned) folder, with Hub metadata, from `model_cards/`' template.
+
+    `training` (name -> value) fills the card's Training section of a fine-tuned model (base, data, steps, settings).
+    """
     folder = Path(folder)
     facts = summarize(folder)
     tags = ["fam", "transformerfam", "long-context", "hf-fam", facts["base_model_type"]]
@@ -156,6 +160,7 @@ def render_model_card(
             base_model=base_model,
             source_description=source_description or "a pretrained decoder",
             fine_tuned=fine_tuned,
+            training=training or {},
             eval_results=read_eval_results(folder),
             stream_memory=human_bytes(facts["stream_memory_bytes"]),
             fam_parameters=f"{facts['fam_parameters']:,}",

@@ -127,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = _add_command(commands, "presets", "list the conversion presets")
     _add_common(presets)
+
+    merge = _add_command(
+        commands, "merge", "fold a fine-tuned LoRA adapter into the weights: a plain FAM checkpoint with its model card",
+        description="Fold the LoRA adapter of a fine-tuning run (recipes/finetune.py) into the weights and write a plain "
+        "TransformerFAM checkpoint with the trained FAM prompt, the tokenizer and a model card (base, data, steps, "
+        "settings).\n\n  hf-fam merge runs/x/checkpoint-500 merged-model",
+    )
+    merge.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a checkpoint folder of a fine-tuning run (or its output folder)")
+    merge.add_argument("output", metavar="OUTPUT", help="the folder to write")
+    merge.add_argument("--base", default=None, help="load the model from here instead of where the run loaded it from")
+    merge.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to merge and save in")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    _add_common(merge)
     return parser
 
 
@@ -378,7 +391,17 @@ def cmd_presets(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "info": cmd_info, "generate": cmd_generate, "push": cmd_push, "presets": cmd_presets}
+# ----------------------------------------------------------------------------------------------------- merge
+def cmd_merge(args) -> int:
+    from .merge import merge_adapter
+
+    _progress(f"Merging {args.adapter_dir} ...")
+    output = merge_adapter(args.adapter_dir, args.output, overwrite=args.overwrite, dtype=args.dtype, base=args.base)
+    _progress(f"Wrote {output}")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "info": cmd_info, "generate": cmd_generate, "push": cmd_push, "presets": cmd_presets, "merge": cmd_merge}
 
 
 def _progress(message: str) -> None:
@@ -389,7 +412,8 @@ def _user_errors() -> tuple:
     """Exceptions whose message is for the user (no "unexpected"); only from modules already imported."""
     errors = [CommandError, ValueError, FileNotFoundError]
     for module, name in (
-        ("io_utils", "OutputExistsError"), ("sources", "SourceError"), ("hub", "PushError"), ("modeling_fam", "UnsupportedArchitectureError")
+        ("io_utils", "OutputExistsError"), ("sources", "SourceError"), ("hub", "PushError"), ("modeling_fam", "UnsupportedArchitectureError"),
+        ("merge", "MergeError"),
     ):
         module = sys.modules.get(f"{__package__}.{module}")
         if module is not None:

@@ -102,3 +102,35 @@ def smollm2_dir(tmp_path_factory):
     if not (target / "config.json").exists():
         export_gguf_to_safetensors(gguf, target, dtype=torch.float32)
     return target
+
+
+# ------------------------------------------------------------------------------------- a tiny tokenizer
+def build_tiny_tokenizer(vocab_size: int = 256):
+    """A byte-level BPE tokenizer trained here on the synthetic tasks' sentences (no download), with at most
+    `vocab_size` tokens so that it fits the tiny models; digits are single tokens. <pad> = 0, <s> = 1, </s> = 2, as in
+    the tiny configs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_fam import tasks
+
+    corpus = [
+        tasks.PASSKEY_INTRO, tasks.PASSKEY_FILLER, tasks.PASSKEY_NEEDLE, tasks.PASSKEY_QUESTION, tasks.KV_INTRO,
+        tasks.KV_PAIR, tasks.KV_QUESTION, "0 1 2 3 4 5 6 7 8 9", "[repeat random segment]:",
+        "A story about a cat and a dog who walk home together at night. user assistant system",
+    ]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tokenizer.train_from_iterator(corpus * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()

@@ -1,0 +1,67 @@
+"""Run by test_recipes.py under torchrun (2 CPU processes, gloo): a tiny FAM model with LoRA and a trainable FAM
+prompt, sharded with torch's FSDP2 (`fully_shard` per decoder layer, then the whole model, as accelerate's FSDP2
+config does), activation checkpointing on, one forward/backward on each process's own batch. Prints the largest
+relative difference between the sharded gradients and those of the unsharded model on the same two batches."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import random_ids, tiny_base  # noqa: E402
+
+import hf_fam  # noqa: E402
+
+
+def build():
+    from peft import LoraConfig, get_peft_model
+
+    from hf_fam.training import fam_module_names
+
+    fam = hf_fam.convert_to_fam(tiny_base("llama"), block_size=8, memory_segments=1, fam_length=2)
+    torch.manual_seed(1)
+    for name in fam_module_names(fam):
+        for parameter in fam.get_submodule(name).parameters():
+            parameter.data.normal_()
+    torch.manual_seed(2)
+    config = LoraConfig(r=4, target_modules="all-linear", modules_to_save=fam_module_names(fam), init_lora_weights=False)
+    return fam, get_peft_model(fam, config).train()
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    fam, model = build()
+    fam.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    no_split = set(fam._no_split_modules)
+    wrapped = 0
+    for module in fam.modules():
+        if type(module).__name__ in no_split:
+            fully_shard(module, mesh=mesh)
+            wrapped += 1
+    fully_shard(model, mesh=mesh)
+    ids = random_ids(1, 40, seed=rank)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+
+    _, reference = build()
+    for r in range(world):
+        ids = random_ids(1, 40, seed=r)
+        (reference(input_ids=ids, labels=ids).loss / world).backward()
+    worst = max(
+        ((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item()
+        for n, p in reference.named_parameters()
+        if p.requires_grad
+    )
+    print(f"rank={rank} wrapped_layers={wrapped} trainable={len(grads)} worst_relative_difference={worst:.3g}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""The fine-tuning recipe end to end on a tiny model: training through recipes/finetune.py (one process, DDP over two
+CPU processes), exact resume, merge, the loss normalisation, random state passing and random position offset as they
+enter the model, FSDP2 sharding of a FAM model, and the shipped configs."""
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import assert_logits_close, build_tiny_tokenizer, random_ids, tiny_base
+
+import hf_fam
+from hf_fam.modeling_fam import _OUTPUT_CACHE_FIELD
+from hf_fam.recipe_config import ConfigError, apply_override, load_config
+from hf_fam.training import FamTrainer, FamTrainingArguments, fam_module_names, load_fam_model, unwrap_fam_model
+from hf_fam.training_data import FamDataCollator
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "finetune.py"
+CPU_CONFIG = ROOT / "recipes" / "configs" / "smollm2_135m_passkey_cpu.yaml"
+FAM = dict(block_size=16, memory_segments=0, fam_length=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (vocab 256) with the tiny BPE tokenizer, saved as a base checkpoint folder."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_base("llama").save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_overrides(model_dir, output_dir, **extra):
+    """Overrides that turn the shipped SmolLM2 CPU config into a seconds-long run of the tiny model."""
+    values = {
+        "output_dir": str(output_dir),
+        "model.path": str(model_dir),
+        "model.fam": "{block_size: 16, memory_segments: 0, fam_length: 4}",
+        "lora.r": 4,
+        "lora.lora_alpha": 8,
+        "task_options": "{key_digits: 2}",
+        "curriculum": "[{until: 0.5, min_filler_tokens: 0, max_filler_tokens: 16}, {until: 1.0, min_filler_tokens: 0, max_filler_tokens: 48}]",
+        "repeat_segment_length": 32,
+        "max_steps": 8,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "fam_learning_rate": 2e-2,
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "save_steps": 4,
+        "report_to": "[tensorboard]",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_recipe(overrides, launcher=(), timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    command = [*launcher, str(RECIPE), "--config", str(CPU_CONFIG), *overrides]
+    if not launcher:
+        command = [sys.executable, *command]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)}\nexit {result.returncode}\n{result.stderr[-6000:]}"
+    return result
+
+
+def read_log(run_dir):
+    with open(Path(run_dir) / "log.csv") as f:
+        return {int(row["step"]): row for row in csv.DictReader(f)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recipe_module():
+    spec = importlib.util.spec_from_file_location("finetune_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tiny_model_dir, tmp_path_factory):
+    """8 steps of recipes/finetune.py on the tiny model (checkpoints at steps 4 and 8)."""
+    run_dir = tmp_path_factory.mktemp("finetune") / "run"
+    run_recipe(tiny_overrides(tiny_model_dir, run_dir))
+    return run_dir
+
+
+def test_finetune_recipe_lowers_the_loss_and_saves_adapter_and_fam_parameters(finetune_run):
+    log = read_log(finetune_run)
+    losses = [float(log[step]["loss"]) for step in range(1, 9)]
+    print("tiny run losses:", [round(x, 3) for x in losses])
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    for step in log.values():  # every logged quantity is there
+        assert float(step["learning_rate"]) > 0 and float(step["grad_norm"]) > 0 and float(step["peak_memory_mib"]) > 0
+    assert all(float(log[step]["tokens_per_second"]) > 0 for step in range(2, 9))
+    assert list((finetune_run / "runs").rglob("events.out.tfevents.*")), "no tensorboard log"
+
+    from safetensors import safe_open
+
+    for folder in (finetune_run / "checkpoint-4", finetune_run / "checkpoint-8", finetune_run):
+        with safe_open(folder / "adapter_model.safetensors", framework="pt") as f:
+            keys = list(f.keys())
+        info = json.loads((folder / "fam_training.json").read_text())
+        assert info["fam_modules"] and all(any(f".{m}." in key for key in keys) for m in info["fam_modules"])
+        assert any("lora_A" in key for key in keys) and any("mlp" in key for key in keys)
+        assert info["fam_settings"]["block_size"] == 16 and info["fam_settings"]["fam_length"] == 4
+    assert (finetune_run / "checkpoint-4" / "fam_carried_state.safetensors").is_file()
+
+
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_runs_losses(finetune_run, tiny_model_dir, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(finetune_run / "checkpoint-4", resumed / "checkpoint-4")
+    run_recipe(tiny_overrides(tiny_model_dir, resumed, resume_from_checkpoint="true", report_to="none"))
+    original, again = read_log(finetune_run), read_log(resumed)
+    assert sorted(again) == [5, 6, 7, 8]
+    for step in again:
+        for key in ("loss", "grad_norm", "learning_rate"):
+            a, b = float(again[step][key]), float(original[step][key])
+            assert abs(a - b) <= 1e-6 * abs(b), f"step {step} {key}: resumed {a} vs uninterrupted {b}"
+
+
+def test_merged_checkpoint_gives_the_adapter_models_logits(finetune_run, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_fam.cli import main as cli
+
+    checkpoint = finetune_run / "checkpoint-8"
+    merged_dir = tmp_path / "merged"
+    assert cli(["merge", str(checkpoint), str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert isinstance(merged, hf_fam.FamForCausalLM)
+    assert (merged.config.block_size, merged.config.memory_segments, merged.config.fam_length) == (16, 0, 4)
+
+    model, _, _ = load_fam_model(str(tiny_model_dir), FAM, dtype="float32")
+    initial_prompt = model.fam_prompt.weight.detach().clone()
+    adapted = PeftModel.from_pretrained(model, str(checkpoint)).eval()
+    ids = random_ids(2, 70, seed=5)
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        actual = merged(ids).logits
+    assert_logits_close(actual, expected, rtol=1e-5, what="merged vs adapter logits")
+    assert not torch.allclose(merged.fam_prompt.weight, initial_prompt)  # the trained prompt, not the initial one
+    with torch.no_grad():
+        plain = load_fam_model(str(tiny_model_dir), FAM, dtype="float32")[0].eval()(ids).logits
+    assert (plain - expected).abs().max() > 1e-3  # the adapter changed the model, so the comparison means something
+
+    card = (merged_dir / "README.md").read_text()
+    assert "## Training" in card and "| optimizer steps | 8 |" in card and "synthetic passkey task" in card
+    assert "fine-tuned" in card.split("---")[1]  # Hub metadata tag
+    assert sorted(p.name for p in merged_dir.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
+
+
+def test_merge_refuses_wrong_inputs_with_what_to_do(finetune_run, tmp_path, tiny_model_dir):
+    from hf_fam.io_utils import OutputExistsError
+    from hf_fam.merge import MergeError, merge_adapter
+
+    with pytest.raises(MergeError, match="does not exist"):
+        merge_adapter(tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(MergeError, match="holds checkpoint-N folders: pass one of them"):
+        merge_adapter(_stopped_run(tmp_path), tmp_path / "out")
+    with pytest.raises(MergeError, match="not a PEFT adapter folder"):
+        merge_adapter(tiny_model_dir, tmp_path / "out")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        merge_adapter(finetune_run / "checkpoint-4", existing)
+    assert (existing / "keep.txt").read_text() == "x"
+
+
+def _stopped_run(tmp_path):
+    """A run folder holding only its checkpoint folders (as when the run was stopped before its final save)."""
+    folder = tmp_path / "stopped_run"
+    (folder / "checkpoint-4").mkdir(parents=True)
+    return folder
+
+
+def test_ddp_on_two_cpu_processes_trains_with_the_single_process_loss_and_saves_a_loadable_checkpoint(tiny_model_dir, tmp_path, one_thread):
+    """accelerate launch with recipes/accelerate/cpu_ddp.yaml: 2 processes x 1 row x 2 accumulation steps see the
+    same 4 rows per step as 1 process x 1 row x 4 steps, so with the random state passing and position offset off the
+    normalised loss and the gradient norm must be the same."""
+    from peft import PeftModel
+
+    common = dict(max_steps=2, save_steps=2, report_to="none", fam_state_passing_probability=0.0,
+                  fam_position_offset_probability=0.0, per_device_train_batch_size=1)
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()))
+    ddp_dir = tmp_path / "ddp"
+    run_recipe(tiny_overrides(tiny_model_dir, ddp_dir, gradient_accumulation_steps=2, **common), launcher=launcher)
+    assert (ddp_dir / "checkpoint-2" / "rng_state_1.pth").is_file()  # two processes ran
+    info = json.loads((ddp_dir / "fam_training.json").read_text())
+    assert info["settings"]["global_batch_size"] == 4
+
+    single_dir = tmp_path / "single"
+    recipe_module().main(["--config", str(CPU_CONFIG), *tiny_overrides(tiny_model_dir, single_dir, gradient_accumulation_steps=4, **common)])
+    ddp, single = read_log(ddp_dir), read_log(single_dir)
+    for step in (1, 2):
+        for key in ("loss", "grad_norm"):
+            a, b = float(ddp[step][key]), float(single[step][key])
+            assert abs(a - b) <= 1e-5 * abs(b), f"step {step} {key}: DDP {a} vs one process {b}"
+
+    model, _, _ = load_fam_model(str(tiny_model_dir), FAM, dtype="float32")
+    loaded = PeftModel.from_pretrained(model, str(ddp_dir / "checkpoint-2"))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=random_ids(1, 40)).logits).all()
+
+
+def test_fsdp2_shards_a_fam_model_and_gives_the_unsharded_gradients():
+    """What recipes/accelerate/fsdp.yaml does on GPUs, run directly with torch on 2 CPU processes (gloo): accelerate
+    1.15 turns FSDP configs into DDP on CPU, torch's FSDP2 does not need a GPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(ROOT / "tests" / "fsdp2_worker.py")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("rank=")]
+    assert len(lines) == 2, result.stdout
+    for line in lines:
+        fields = dict(item.split("=") for item in line.split())
+        assert int(fields["wrapped_layers"]) == 2
+        assert float(fields["worst_relative_difference"]) < 1e-5, line
+
+
+# ----------------------------------------------------------------------------------- the trainer, in-process
+@pytest.fixture
+def one_thread():
+    """Tiny models train several times faster on one thread (no synchronisation between two cores per op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _peft_model(seed=0, fam_length=4):
+    from peft import LoraConfig, get_peft_model
+
+    fam = hf_fam.convert_to_fam(tiny_base("llama"), block_size=8, memory_segments=1, fam_length=fam_length)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, target_modules="all-linear", modules_to_save=fam_module_names(fam), init_lora_weights=False)
+    return get_peft_model(fam, config)
+
+
+def _trainer(tmp_path, rows, batch, accumulation, steps=1, **options):
+    args = FamTrainingArguments(
+        output_dir=str(tmp_path / f"b{batch}_g{accumulation}"), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **options,
+    )
+    dataset = _Rows(rows)
+    return FamTrainer(model=_peft_model(), args=args, train_dataset=dataset, data_collator=FamDataCollator(0))
+
+
+class _Rows(torch.utils.data.Dataset):
+    sequential = True  # read in order, so every configuration sees the same rows in each step
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def test_weighted_loss_is_normalised_over_the_whole_accumulated_batch(tmp_path, one_thread):
+    """sum(weight x token loss) / total weight over every row of the optimizer step, whatever the split into
+    micro-batches: 1 x 4, 2 x 2 and 4 x 1 give the directly computed loss and the same gradient."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i, length in enumerate((30, 12, 45, 21)):
+        ids = random_ids(1, length, seed=10 + i)[0].tolist()
+        weights = torch.randint(0, 3, (length,), generator=generator).float().mul(0.5).tolist()  # 0, 0.5, 1
+        weights[: 3 * i] = [0.0] * (3 * i)
+        rows.append({"input_ids": ids, "loss_weights": weights})
+
+    model = _peft_model().train()
+    total, weight_sum = 0.0, 0.0
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        w = torch.tensor(row["loss_weights"][1:])
+        total += float((losses * w).sum())
+        weight_sum += float(w.sum())
+    expected = total / weight_sum
+
+    results = {}
+    for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+        trainer = _trainer(tmp_path, rows, batch, accumulation, fam_state_passing_probability=0.0, fam_position_offset_probability=0.0)
+        trainer.train()
+        logged = trainer.state.log_history[0]
+        results[(batch, accumulation)] = (logged["loss"], logged["grad_norm"])
+    print("expected", expected, "logged (loss, grad norm):", results)
+    for loss, grad_norm in results.values():
+        assert abs(loss - expected) <= 1e-5 * expected
+        assert abs(grad_norm - results[(4, 1)][1]) <= 1e-4 * results[(4, 1)][1]
+    per_row_means = []
+    for row in rows:  # the average of per-row means is a different number: the test can tell the two apart
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            losses = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
+        w = torch.tensor(row["loss_weights"][1:])
+        per_row_means.append(float((losses * w).sum() / w.sum()))
+    assert abs(sum(per_row_means) / 4 - expected) > 1e-3
+
+
+def test_random_state_passing_and_position_offset_are_what_enters_the_model(tmp_path, one_thread):
+    rows = [{"input_ids": random_ids(1, 20 + i, seed=i)[0].tolist()} for i in range(12)]
+    trainer = _trainer(tmp_path, rows, batch=2, accumulation=1, steps=6,
+                       fam_state_passing_probability=1.0, fam_position_offset_probability=0.5)
+    fam = unwrap_fam_model(trainer.model)
+    calls = []
+
+    def before(module, args, kwargs):
+        calls.append({"fam_state": kwargs.get("fam_state"), "offset": kwargs.get("fam_position_offset"), "batch": kwargs["input_ids"].shape[0]})
+
+    def after(module, args, kwargs, output):
+        calls[-1]["final"] = tuple(s.detach().clone() for s in getattr(output, _OUTPUT_CACHE_FIELD).fam_state())
+
+    fam.register_forward_pre_hook(before, with_kwargs=True)
+    fam.register_forward_hook(after, with_kwargs=True)
+    trainer.train()
+    assert len(calls) == 6
+    assert calls[0]["fam_state"] is None  # nothing to pass yet
+    for previous, call in zip(calls, calls[1:]):
+        state = call["fam_state"]
+        assert state is not None and len(state) == fam.config.num_hidden_layers
+        for layer, tensor in enumerate(state):
+            assert tensor.shape == (2, 4, fam.config.hidden_size) and not tensor.requires_grad
+            for row in range(2):  # every row starts from the final state of the previous step's first sequence
+                torch.testing.assert_close(tensor[row], previous["final"][layer][0], rtol=0, atol=0)
+    offsets = torch.cat([c["offset"] if c["offset"] is not None else torch.zeros(c["batch"], dtype=torch.long) for c in calls])
+    high = 2 * torch.pi * 10000  # rope_theta of the tiny llama
+    assert ((offsets >= 0) & (offsets < high)).all()
+    assert (offsets == 0).any() and (offsets > 0).any(), offsets  # per sequence, not per batch
+    # over many steps: each sequence gets an offset with p = 0.5, uniform over [0, 2 pi theta)
+    drawn = []
+    for step in range(300):
+        trainer.state.global_step = step
+        extra = trainer._memory_inputs(fam, torch.zeros(2, 5, dtype=torch.long))
+        drawn += extra["fam_position_offset"].tolist() if "fam_position_offset" in extra else [0, 0]
+    drawn = torch.tensor(drawn, dtype=torch.float)
+    assert 0.44 < (drawn > 0).float().mean() < 0.56
+    assert drawn.max() > 0.9 * high and 0.4 * high < drawn[drawn > 0].mean() < 0.6 * high
+
+    calls.clear()
+    _off = _trainer(tmp_path / "off", rows, batch=2, accumulation=1, steps=3,
+                    fam_state_passing_probability=0.0, fam_position_offset_probability=0.0)
+    fam_off = unwrap_fam_model(_off.model)
+    fam_off.register_forward_pre_hook(before, with_kwargs=True)
+    _off.train()
+    assert len(calls) == 3 and all(c["fam_state"] is None and c["offset"] is None for c in calls)
+
+
+def test_fam_parameters_get_their_own_learning_rate(tmp_path, one_thread):
+    rows = [{"input_ids": random_ids(1, 20, seed=i)[0].tolist()} for i in range(2)]
+    trainer = _trainer(tmp_path, rows, batch=2, accumulation=1, fam_learning_rate=0.5)
+    trainer.create_optimizer()
+    fam_ids = {id(p) for n, p in trainer.model.named_parameters() if p.requires_grad and any(f".{m}." in n for m in fam_module_names(trainer.model))}
+    assert fam_ids
+    groups = {(group["lr"], id(p)) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {i for lr, i in groups if lr == 0.5} == fam_ids
+    assert all(lr == 1e-3 for lr, i in groups if i not in fam_ids)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def test_every_shipped_config_parses_into_valid_arguments_and_says_how_to_launch_it():
+    from peft import LoraConfig
+
+    recipe = recipe_module()
+    configs = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+    assert {c.name for c in configs} >= {"smollm2_135m_passkey_cpu.yaml", "llama32_1b_long_documents.yaml", "mixtral_8x7b_long_documents.yaml"}
+    for path in configs:
+        header = " ".join(line.lstrip("#").strip().rstrip("\\") for line in path.read_text().splitlines() if line.startswith("#"))
+        assert "recipes/finetune.py" in header and "--config recipes/configs/" + path.name in header, path
+        config = load_config(path, ["use_cpu=true", "output_dir=/tmp/unused"], "trainer", recipe.TRAINER_FIELDS)
+        assert not set(config["trainer"]) - recipe.TRAINER_FIELDS, path
+        FamTrainingArguments(output_dir="/tmp/unused", **config["trainer"])
+        LoraConfig(task_type="CAUSAL_LM", **config["lora"])
+        assert config["data"]["source"] in ("synthetic", "files", "hub")
+    for path in sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")):
+        text = path.read_text()
+        assert "accelerate launch --config_file recipes/accelerate/" + path.name in text, path
+        yaml.safe_load(text)
+
+
+def test_overrides_find_their_key_or_say_which_keys_exist():
+    config = {"output_dir": "a", "lora": {"r": 16}, "trainer": {"max_steps": 5}, "data": {"curriculum": []}}
+    apply_override(config, "max_steps=100")
+    apply_override(config, "lora.r=8")
+    apply_override(config, "warmup_steps=3", "trainer", {"warmup_steps"})
+    apply_override(config, "data.curriculum=[{until: 1.0, min_filler_tokens: 0, max_filler_tokens: 4}]")
+    apply_override(config, "model.fam.block_size=64")
+    assert config["trainer"] == {"max_steps": 100, "warmup_steps": 3} and config["lora"]["r"] == 8
+    assert config["data"]["curriculum"][0]["max_filler_tokens"] == 4 and config["model"] == {"fam": {"block_size": 64}}
+    with pytest.raises(ConfigError, match="Unknown config key 'nope'"):
+        apply_override(config, "nope=1")
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override(config, "max_steps")
+    config["data"]["max_steps"] = 1
+    with pytest.raises(ConfigError, match="ambiguous"):
+        apply_override(config, "max_steps=2")
+
+
+def test_a_converted_fam_folder_loads_for_training_with_its_settings_overridable(tiny_model_dir, tmp_path):
+    from hf_fam.training import is_fam_checkpoint
+
+    model, tokenizer, _ = load_fam_model(str(tiny_model_dir), FAM, dtype="float32")
+    model.save_pretrained(tmp_path / "fam")
+    tokenizer.save_pretrained(tmp_path / "fam")
+    assert is_fam_checkpoint(tmp_path / "fam") and not is_fam_checkpoint(tiny_model_dir) and not is_fam_checkpoint(None)
+    loaded, loaded_tokenizer, _ = load_fam_model(str(tmp_path / "fam"), {"block_size": 32}, dtype="float32")
+    assert isinstance(loaded, hf_fam.FamForCausalLM) and loaded_tokenizer is not None
+    assert (loaded.config.block_size, loaded.config.memory_segments, loaded.config.fam_length) == (32, 0, 4)
+    torch.testing.assert_close(loaded.fam_prompt.weight, model.fam_prompt.weight)
+    with pytest.raises(ValueError, match="Unknown FAM setting"):
+        load_fam_model(str(tiny_model_dir), {"blok_size": 16})
