@@ -344,7 +344,9 @@ def _passkey_heatmap(path: Path, document: dict) -> None:
     models, depths = document["models"], document["settings"]["depths"]
     lengths = sorted({r["filler_tokens"] for r in document["results"]})
     index = {(r["model"], r["filler_tokens"], r["depth"]): r["accuracy"] for r in document["results"]}
-    fig, axes = plt.subplots(1, len(models), figsize=(1.2 + 0.9 * len(lengths) * len(models), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(models), figsize=(1.2 + (0.6 + 0.7 * len(lengths)) * len(models), 1.8 + 0.45 * len(depths)), squeeze=False, sharey=True
+    )
     for ax, model in zip(axes[0], models):
         grid = [[index.get((model, length, d), float("nan")) for length in lengths] for d in depths]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")

@@ -59,6 +59,19 @@ def test_parse_lengths_and_depths():
         evaluation.parse_depths("0,1.5")
 
 
+@pytest.mark.parametrize("task", ["passkey", "perplexity"])
+def test_eval_help_explains_every_option(task, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["eval", task, "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    options = ["--compare", "--output", "--dtype", "--no-progress", "--debug"]
+    options += ["--lengths", "--depths", "--trials", "--key-digits", "--seed"] if task == "passkey" else ["--text", "--max-tokens", "--bucket"]
+    for option in options:
+        assert option in out, option
+    assert "(default: None)" not in out and "(default: False)" not in out
+
+
 def test_streamed_passkey_scoring_equals_one_forward_pass(fam_dir):
     fam, tokenizer = evaluation.load_fam(fam_dir)
     example = passkey_example(tokenizer, __import__("random").Random(0), 100, depth=0.5, key_digits=3)
