@@ -416,7 +416,8 @@ def run_perplexity(
     """Streamed perplexity of a long text per position bucket (tokens [0, bucket), [bucket, 2 bucket), ...).
 
     Writes `perplexity.json`, `perplexity.csv`, `perplexity_curve.png` and rows of `eval_results.json` in `output`
-    (default: the model folder) after each model. Returns the JSON document.
+    (default: the model folder) after each bucket (the JSON, CSV and PNG) and each model (`eval_results.json`).
+    Returns the JSON document.
     """
     if bucket < 1:
         raise EvaluationError(f"--bucket must be a positive number of tokens, got {bucket}.")
@@ -452,6 +453,7 @@ def run_perplexity(
         else:
             scored = base_stream_log_likelihood(variant.model, ids, min(chunk_size, 512))
         with tqdm(total=len(ids) - 1, desc=f"perplexity {variant.name}", unit="tok", disable=not show_progress) as bar:
+            written = 0  # buckets of this model already in the document
             for values in scored:
                 for value in values[0].tolist():
                     b = (position - 1) // bucket
@@ -459,11 +461,16 @@ def run_perplexity(
                     counts[b] += 1
                     position += 1
                 bar.update(values.shape[1])
-        for b, (total, count) in enumerate(zip(sums, counts)):
-            document["results"].append({
-                "model": variant.name, "bucket_start": b * bucket + 1, "bucket_end": b * bucket + count,
-                "tokens": count, "nll": total / count, "perplexity": math.exp(total / count),
-            })
+                complete = (position - 1) // bucket if position < len(ids) else len(sums)
+                if complete > written:  # a bucket finished: keep it on disk (Ctrl-C keeps it)
+                    for b in range(written, complete):
+                        document["results"].append({
+                            "model": variant.name, "bucket_start": b * bucket + 1, "bucket_end": b * bucket + counts[b],
+                            "tokens": counts[b], "nll": sums[b] / counts[b], "perplexity": math.exp(sums[b] / counts[b]),
+                        })
+                    written = complete
+                    if complete < len(sums):
+                        _write_perplexity(output, document, fam, variants[: variants.index(variant)])
         nll = sum(sums) / sum(counts)
         document["overall"][variant.name] = {"nll": nll, "perplexity": math.exp(nll)}
         _write_perplexity(output, document, fam, variants[: variants.index(variant) + 1])

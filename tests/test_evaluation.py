@@ -166,6 +166,27 @@ def test_interrupted_passkey_keeps_the_finished_lengths(fam_dir, tmp_path):
     assert not leftovers(tmp_path)
 
 
+def test_interrupted_perplexity_keeps_the_finished_buckets(fam_dir, tmp_path, text_file, monkeypatch):
+    import hf_fam.streaming
+
+    real = hf_fam.streaming.stream_log_likelihood
+
+    def interrupted_after_three_chunks(*args, **kwargs):
+        for i, values in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield values
+
+    monkeypatch.setattr(hf_fam.streaming, "stream_log_likelihood", interrupted_after_three_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.run_perplexity(
+            fam_dir, text_file=text_file, max_tokens=120, bucket=20, output=tmp_path, chunk_size=16, show_progress=False
+        )
+    document = json.loads((tmp_path / "perplexity.json").read_text())  # 47 tokens scored: buckets 1-20 and 21-40
+    assert [(r["bucket_start"], r["bucket_end"]) for r in document["results"]] == [(1, 20), (21, 40)]
+    assert not leftovers(tmp_path)
+
+
 def test_eval_bad_inputs_are_one_paragraph_and_write_nothing(fam_dir, tmp_path, text_file, capsys):
     out = tmp_path / "out"
     cases = [
