@@ -108,9 +108,11 @@ def plot_fam_update(stem: str = "fam_update"):
 
 def plot_train_step():
     rows = read_csv(RESULTS / "train_step.csv")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    _grouped_bars(axes[0], rows, "seconds", "seconds", "One training step, SmolLM2-135M + LoRA (CPU)")
-    _grouped_bars(axes[1], rows, "peak_added_mib", "MiB", "Peak memory added by the step")
+    with_memory = [r for r in rows if r["peak_added_mib"] not in ("", "nan")]
+    fig, axes = plt.subplots(1, 2 if with_memory else 1, figsize=(10 if with_memory else 6, 4), squeeze=False)
+    _grouped_bars(axes[0][0], rows, "seconds", "seconds", "One training step, SmolLM2-135M + LoRA (CPU)")
+    if with_memory:
+        _grouped_bars(axes[0][1], with_memory, "peak_added_mib", "MiB", "Peak memory added by the step")
     fig.tight_layout()
     fig.savefig(RESULTS / "train_step.png", dpi=120)
     plt.close(fig)

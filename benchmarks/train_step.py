@@ -3,6 +3,7 @@
 
     python benchmarks/train_step.py                  # both lengths, then the table, ratios, CSV, JSON and plot
     python benchmarks/train_step.py --lengths 4096 --rounds 5
+    python benchmarks/train_step.py --lengths 8192 --no-memory   # adds 8k to what an earlier run recorded
 
 What a step is: the recipe's setting of `recipes/finetune.py`: peft LoRA r=16 on every attention and feed-forward
 projection (`all-linear`), the FAM parameters in `modules_to_save` (FAM only), non-reentrant activation
@@ -94,7 +95,7 @@ def main():
         print(json.dumps(result))
         return
 
-    rows, summary = [], []
+    rows, summary = _previous_results(args.lengths)
     for length in args.lengths:
         seconds = run_child(Path(__file__), "time", "all", str(length), "--rounds", str(args.rounds), timeout=12 * 3600)
         by_mode = {}
@@ -107,6 +108,7 @@ def main():
                 "seconds": round(statistics.median(times), 3),
                 "seconds_min": round(times[0], 3),
                 "seconds_max": round(times[-1], 3),
+                "rounds": len(times),
                 "peak_added_mib": round(peak, 1),
             }
             rows.append(by_mode[mode])
@@ -120,6 +122,7 @@ def main():
             "fam_over_bswa_memory": fam["peak_added_mib"] / bswa["peak_added_mib"],
             "fam_over_base_memory": fam["peak_added_mib"] / base["peak_added_mib"],
         })
+        _write(rows, summary)  # after every length, so a long run keeps what it finished
 
     print(f"\nMachine: {machine()}")
     print(f"{'tokens':>7} {'FAM/BSWA time':>14} {'FAM/base time':>14} {'FAM/BSWA mem':>13} {'FAM/base mem':>13}")
@@ -129,13 +132,29 @@ def main():
             f"{r['fam_over_bswa_memory']:13.3f} {r['fam_over_base_memory']:13.3f}   "
             f"(FAM/BSWA per round: {', '.join(f'{x:.3f}' for x in r['fam_over_bswa_time_per_round'])})"
         )
+    print(f"Wrote {RESULTS / 'train_step.csv'}, train_step.json and train_step.png")
+
+
+def _previous_results(lengths) -> tuple[list, list]:
+    """Rows and ratios recorded earlier for lengths this run does not measure (runs of one length add up)."""
+    path = RESULTS / "train_step.json"
+    if not path.exists():
+        return [], []
+    meta = json.loads(path.read_text())
+    rows = [r for r in meta["runs"] if int(r["tokens"]) not in lengths]
+    summary = [r for r in meta["ratios"] if int(r["tokens"]) not in lengths]
+    return rows, summary
+
+
+def _write(rows, summary) -> None:
+    rows = sorted(rows, key=lambda r: (int(r["tokens"]), MODES.index(r["mode"])))
+    summary = sorted(summary, key=lambda r: int(r["tokens"]))
     write_csv(RESULTS / "train_step.csv", rows)
     meta = {"machine": machine(), "settings": PAPER_SETTINGS, "lora": LORA, "checkpointing": "non-reentrant", "runs": rows, "ratios": summary}
     (RESULTS / "train_step.json").write_text(json.dumps(meta, indent=2))
     from plot_results import plot_train_step
 
     plot_train_step()
-    print(f"Wrote {RESULTS / 'train_step.csv'}, train_step.json and train_step.png")
 
 
 if __name__ == "__main__":
