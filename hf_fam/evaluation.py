@@ -236,10 +236,7 @@ def run_passkey(
         raise EvaluationError(f"--trials must be at least 1, got {trials}.")
     if not lengths or not depths:
         raise EvaluationError("Give at least one length (--lengths) and one depth (--depths).")
-    output = _output_folder(path, output)
-    fam, tokenizer = load_fam(path, dtype)
-    variants = comparison_variants(fam, compare)
-    chunk_size = chunk_size or fam.config.block_size * (fam.config.memory_segments + 1)
+    output, fam, tokenizer, variants, chunk_size = _prepare(path, output, dtype, compare, chunk_size)
     document = {
         "task": "passkey",
         "model": str(path),
@@ -425,11 +422,8 @@ def run_perplexity(
         raise EvaluationError(f"--max-tokens must be at least 2, got {max_tokens}.")
     if not Path(text_file).is_file():
         raise EvaluationError(f"--text {text_file} does not exist; pass a long plain-text file (see README: Evaluation).")
-    output = _output_folder(path, output)
-    fam, tokenizer = load_fam(path, dtype)
+    output, fam, tokenizer, variants, chunk_size = _prepare(path, output, dtype, compare, chunk_size)
     ids, text_name = read_text_tokens(tokenizer, text_file, max_tokens)
-    variants = comparison_variants(fam, compare)
-    chunk_size = chunk_size or fam.config.block_size * (fam.config.memory_segments + 1)
     document = {
         "task": "perplexity",
         "model": str(path),
@@ -531,6 +525,15 @@ def _perplexity_curve(path: Path, document: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _prepare(path, output, dtype: str, compare: bool, chunk_size: int | None):
+    """What both evaluations start from: (output folder, FAM model, tokenizer, the models to run, tokens per call;
+    by default one (M+1)B window)."""
+    output = _output_folder(path, output)
+    fam, tokenizer = load_fam(path, dtype)
+    chunk_size = chunk_size or fam.config.block_size * (fam.config.memory_segments + 1)
+    return output, fam, tokenizer, comparison_variants(fam, compare), chunk_size
+
+
 def _output_folder(path, output) -> Path:
     if output is not None:
         folder = Path(output)
