@@ -30,7 +30,7 @@ demo: setup
 		--question "$(DEMO_QUESTION)" --chat --max-new-tokens 48
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/forward_cost.py

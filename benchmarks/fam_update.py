@@ -69,6 +69,7 @@ def main():
     parser.add_argument("--bucket", type=int, default=512, help="tokens per perplexity bucket")
     parser.add_argument("--chunk", type=int, default=256, help="tokens per streamed call")
     parser.add_argument("--no-base", action="store_true", help="skip the full-attention base model (slow at 32k)")
+    parser.add_argument("--no-replace", action="store_true", help="skip the paper's update (it collapses within a few blocks)")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
 
@@ -81,7 +82,8 @@ def main():
     ids = tokenizer(long_text(), return_tensors="pt").input_ids[:, : args.tokens]
     settings = {"block_size": args.block_size, "memory_segments": args.memory_segments}
     models = ([] if args.no_base else [("base", None)]) + [("bswa", dict(fam_length=0))]
-    models += [("fam replace", dict(fam_length=args.fam_length, fam_update="replace"))]
+    if not args.no_replace:
+        models += [("fam replace", dict(fam_length=args.fam_length, fam_update="replace"))]
     models += [(f"fam gated {g:g}", dict(fam_length=args.fam_length, fam_update="gated", fam_gate_init=g)) for g in args.gates]
 
     rows, summary = [], {}

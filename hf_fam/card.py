@@ -126,6 +126,12 @@ def read_eval_results(folder: str | Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
+def _model_index_results(rows: list[dict]):
+    from .evaluation import model_index_results
+
+    return model_index_results(rows)
+
+
 def render_model_card(
     folder: str | Path,
     *,
@@ -143,25 +149,30 @@ def render_model_card(
     folder = Path(folder)
     facts = summarize(folder)
     tags = ["fam", "transformerfam", "long-context", "hf-fam", facts["base_model_type"]]
+    eval_results = read_eval_results(folder)
+    model_name = (repo_id or folder.name).split("/")[-1]
+    model_index = _model_index_results(eval_results)
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
         pipeline_tag="text-generation",
         license=license or "other",
         tags=tags,
+        model_name=model_name if model_index else None,
+        eval_results=model_index or None,
     )
     template = resources.files("hf_fam").joinpath(CARD_TEMPLATE)
     with resources.as_file(template) as template_path:
         return ModelCard.from_template(
             card_data,
             template_path=str(template_path),
-            model_name=(repo_id or folder.name).split("/")[-1],
+            model_name=model_name,
             repo_id=repo_id or str(folder),
             base_model=base_model,
             source_description=source_description or "a pretrained decoder",
             fine_tuned=fine_tuned,
             training=training or {},
-            eval_results=read_eval_results(folder),
+            eval_results=eval_results,
             stream_memory=human_bytes(facts["stream_memory_bytes"]),
             fam_parameters=f"{facts['fam_parameters']:,}",
             base_parameters=f"{facts['base_parameters']:,} ({human_count(facts['base_parameters'])})",

@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to merge and save in")
     merge.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
     _add_common(merge)
+    _add_eval_parser(commands)
     return parser
 
 
@@ -401,7 +402,61 @@ def cmd_merge(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "info": cmd_info, "generate": cmd_generate, "push": cmd_push, "presets": cmd_presets, "merge": cmd_merge}
+# ------------------------------------------------------------------------------------------------------ eval
+def _add_eval_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="measure a converted folder: passkey retrieval, streamed perplexity of a long text", formatter_class=_Formatter,
+        description="Evaluate a TransformerFAM checkpoint; --compare also runs the base model (full attention) and BSWA "
+        "(same B and M, no FAM) built from the same weights. Results go to the model folder (or --output): JSON, CSV, "
+        "a PNG, and eval_results.json, which `hf-fam push` puts in the model card.\n\n"
+        "  hf-fam eval passkey DIR --lengths 1k,2k,4k --trials 5 --compare\n"
+        "  hf-fam eval perplexity DIR --text book.txt --max-tokens 32768 --compare",
+    )
+    tasks = evaluate.add_subparsers(dest="eval_task", metavar="TASK", required=True)
+    passkey = tasks.add_parser("passkey", help="passkey retrieval accuracy per filler length and needle depth", formatter_class=_Formatter)
+    passkey.add_argument("--lengths", default="1k,2k,4k,8k,16k,32k", help="filler lengths in tokens (k = 1024)")
+    passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, 0 = start of the filler, 1 = its end")
+    passkey.add_argument("--trials", type=int, default=5, help="examples (random keys) per length and depth")
+    passkey.add_argument("--key-digits", type=int, default=5, help="digits of the pass key")
+    passkey.add_argument("--seed", type=int, default=0, help="seed of the keys (the same examples for every model)")
+    perplexity = tasks.add_parser("perplexity", help="streamed perplexity of a long text per position bucket", formatter_class=_Formatter)
+    perplexity.add_argument("--text", required=True, metavar="FILE", help="a long plain-text file (README: Evaluation suggests a public-domain book)")
+    perplexity.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens of the text (default: all)")
+    perplexity.add_argument("--bucket", type=int, default=1024, help="tokens per position bucket of the curve")
+    for task in (passkey, perplexity):
+        task.add_argument("path", metavar="PATH", help="a folder written by `hf-fam convert` or `hf-fam merge`")
+        task.add_argument("--compare", action="store_true", help="also run the base model (full attention) and BSWA (fam_length 0)")
+        task.add_argument("--output", default=None, metavar="DIR", help="where to write the results (default: PATH)")
+        task.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to run in")
+        task.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+        _add_common(task)
+
+
+def cmd_eval(args) -> int:
+    from . import evaluation
+
+    common = dict(compare=args.compare, output=args.output, dtype=args.dtype, show_progress=not args.no_progress)
+    path = Path(args.path)
+    if not path.exists() and (path.is_absolute() or args.path.startswith(".")):
+        raise CommandError(f"{path} does not exist; pass a folder written by `hf-fam convert`.")
+    if not path.is_dir() and args.output is None:
+        raise CommandError(f"{path} is not a folder; pass a folder written by `hf-fam convert` (or add --output DIR for a Hub id).")
+    if args.eval_task == "passkey":
+        document = evaluation.run_passkey(
+            args.path, lengths=evaluation.parse_lengths(args.lengths), depths=evaluation.parse_depths(args.depths),
+            trials=args.trials, key_digits=args.key_digits, seed=args.seed, log=_progress, **common,
+        )
+        print(evaluation.passkey_table(document))
+    else:
+        document = evaluation.run_perplexity(
+            args.path, text_file=args.text, max_tokens=args.max_tokens, bucket=args.bucket, log=_progress, **common
+        )
+        print(evaluation.perplexity_table(document))
+    _progress(f"Wrote {args.eval_task} results and eval_results.json to {args.output or args.path}")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "info": cmd_info, "generate": cmd_generate, "push": cmd_push, "presets": cmd_presets, "merge": cmd_merge, "eval": cmd_eval}
 
 
 def _progress(message: str) -> None:

@@ -394,7 +394,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        with _recording_router_logits(self, output_router_logits) as router_logits:
+        with _recording_router_logits(self, output_router_logits) as recording:
             hidden_states, all_hidden, cache = self._final_hidden_states(
                 input_ids, inputs_embeds, attention_mask, cache, fam_position_offset, fam_state, output_hidden_states
             )
@@ -411,6 +411,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             _OUTPUT_CACHE_FIELD: cache if use_cache else None,
         }
         if output_router_logits:
+            router_logits = self._router.counted_rows(recording)
             aux_loss = self._router.load_balancing_loss(router_logits)
             if loss is not None:
                 loss = fields["loss"] = loss + self._router.coefficient * aux_loss.to(loss.device)
@@ -607,13 +608,14 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         source = (state.keys, state.values) if state.is_initialized else (None, None)
         # Decided here, outside any checkpoint: reentrant checkpointing runs its first pass without gradients.
         in_place = not torch.is_grad_enabled()
-        call = partial(self._segment_layer_call, layer, layer_idx, segment, state, in_place)
-        if self._router_recording is not None:
-            self._router_recording.rows = segment.routed_rows
+        recording = self._router_recording
+        call = partial(self._segment_layer_call, layer, layer_idx, segment, state, in_place, recording is not None)
         if self.gradient_checkpointing and self.training and in_place is False and self._checkpointed_layers[layer_idx]:
-            output, keys, values = self._gradient_checkpointing_func(call, rows, *source)
+            output, keys, values, *router_logits = self._gradient_checkpointing_func(call, rows, *source)
         else:
-            output, keys, values = call(rows, *source)
+            output, keys, values, *router_logits = call(rows, *source)
+        if recording is not None:
+            recording.extend((logits, segment.routed_rows) for logits in router_logits)
         state.store(keys, values)
         if not segment.fam_rows:
             return output
@@ -624,21 +626,23 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         state.fam_state = torch.where(segment.completes[:, None, None], new_state, state.fam_state)
         return output[:, F:]
 
-    def _segment_layer_call(self, layer, layer_idx, segment, layer_cache, in_place, rows, keys, values):
+    def _segment_layer_call(self, layer, layer_idx, segment, layer_cache, in_place, record_router, rows, keys, values):
         """One decoder-layer call on [FAM rows ;] segment rows, reading the key/value buffers (keys, values) (None
-        before the layer's first call). Returns (output rows, new keys, new values): a function of its tensor
-        arguments alone, so that checkpointing it is exact in every mode."""
+        before the layer's first call). Returns (output rows, new keys, new values[, router logits ...]): a function
+        of its tensor arguments alone whose results are all it computes, so that checkpointing it is exact in every
+        mode (reentrant checkpointing carries gradients only through the function's inputs and outputs)."""
         source = None if keys is None else (keys, values)
         key_values = _BlockKeyValues(layer_cache, source, segment, self.config.fam_length, in_place)
-        output = self._call_layer(
-            layer,
-            rows,
-            segment.masks[self._layer_windows()[layer_idx]],
-            segment.position_embeddings[self.layer_types[layer_idx]],
-            segment.position_ids,
-            key_values,
-        )
-        return output, key_values.keys, key_values.values
+        with _captured_router_logits(layer, self._router if record_router else None) as router_logits:
+            output = self._call_layer(
+                layer,
+                rows,
+                segment.masks[self._layer_windows()[layer_idx]],
+                segment.position_embeddings[self.layer_types[layer_idx]],
+                segment.position_ids,
+                key_values,
+            )
+        return (output, key_values.keys, key_values.values, *router_logits)
 
     @staticmethod
     def _call_layer(layer, hidden, attention_mask, position_embeddings, position_ids, block_cache):
@@ -725,6 +729,11 @@ class _RouterLoss:
         # The family's function averages over every routed row of every layer; all calls' rows at once give that mean.
         return self.loss_function((torch.cat(router_logits),), self.num_experts, self.top_k, None)
 
+    @staticmethod
+    def counted_rows(recording: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """The router logits of the rows that count, one tensor per layer call, from what the hooks recorded."""
+        return [logits[rows.reshape(-1).to(logits.device)] for logits, rows in recording]
+
 
 def _router_settings(base_model) -> _RouterLoss | None:
     recorder = (getattr(base_model.model, "_can_record_outputs", None) or {}).get("router_logits")
@@ -737,34 +746,36 @@ def _router_settings(base_model) -> _RouterLoss | None:
     return _RouterLoss(target_class, getattr(recorder, "index", 0), loss_function, *numbers)
 
 
-class _RouterRecording(list):
-    """Router logits of the rows that count, one tensor per layer call; `rows` (b, q) says which rows of the
-    current call count (set by the block loop; None outside it, e.g. in the FAM prompt's own pass)."""
+@contextmanager
+def _captured_router_logits(layer, router: _RouterLoss | None):
+    """The router logits that `layer`'s routers output while the block runs (nothing when `router` is None)."""
+    captured = []
+    if router is None:
+        yield captured
+        return
 
-    rows: torch.Tensor | None = None
+    def hook(module, args, output):
+        captured.append(output[router.index] if isinstance(output, (tuple, list)) else output)
+
+    handles = [m.register_forward_hook(hook) for m in layer.modules() if isinstance(m, router.target_class)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
 def _recording_router_logits(model, enabled: bool):
+    """Collect (router logits, rows that count) of every decoder-layer call of the block loop while the block runs."""
     if not enabled:
         yield None
         return
-    recording = _RouterRecording()
-    index = model._router.index
-
-    def hook(module, args, output):
-        if recording.rows is not None:
-            logits = output[index] if isinstance(output, (tuple, list)) else output
-            recording.append(logits[recording.rows.reshape(-1).to(logits.device)])
-
-    handles = [m.register_forward_hook(hook) for m in model.model.modules() if isinstance(m, model._router.target_class)]
-    model._router_recording = recording
+    model._router_recording = recording = []
     try:
         yield recording
     finally:
         model._router_recording = None
-        for handle in handles:
-            handle.remove()
 
 
 def _register_peft_targets(model_type: str) -> None:

@@ -435,14 +435,7 @@ def test_a_converted_fam_folder_loads_for_training_with_its_settings_overridable
         load_fam_model(str(tiny_model_dir), {"blok_size": 16})
 
 
-@pytest.mark.parametrize("checkpointing", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, raises=torch.utils.checkpoint.CheckpointError,
-        reason="model side: the router-logit recording hooks of FamForCausalLM run in the forward pass but not in the "
-        "non-reentrant recomputation (57 vs 56 saved tensors); the Mixtral recipe config needs this combination",
-    )),
-])
+@pytest.mark.parametrize("checkpointing", [False, True])
 def test_mixtral_router_load_balancing_loss_is_added_to_the_training_loss(tmp_path, one_thread, checkpointing):
     """With the base config's output_router_logits on (the Mixtral recipe config), the loss the trainer optimises is
     the weighted token loss plus router_aux_loss_coef x the model's load-balancing loss."""

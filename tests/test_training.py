@@ -299,3 +299,22 @@ def test_no_split_modules_name_the_base_decoder_layer_for_fsdp_and_device_maps(t
     fam.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto")
     assert isinstance(loaded, hf_fam.FamForCausalLM) and layer_class in loaded._no_split_modules
+
+
+@pytest.mark.parametrize("kwargs", [{"use_reentrant": False}, {"use_reentrant": True}])
+def test_mixtral_router_loss_under_checkpointing_gives_the_gradients_of_none(kwargs):
+    """The router logits are recorded inside checkpointed layer calls; the recomputation must see the same graph."""
+    ids = random_ids(2, 20)
+
+    def gradients(checkpointing):
+        fam = randomize_fam(hf_fam.convert_to_fam(tiny_base("mixtral", seed=5), block_size=5, memory_segments=1, fam_length=2)).train()
+        if checkpointing:
+            fam.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        out = fam(ids, labels=ids, output_router_logits=True)
+        out.loss.backward()
+        return out.aux_loss.detach(), {name: p.grad for name, p in fam.named_parameters() if p.grad is not None}
+
+    (aux_plain, plain), (aux_ckpt, ckpt) = gradients(False), gradients(True)
+    torch.testing.assert_close(aux_ckpt, aux_plain, rtol=1e-6, atol=0)
+    for name in plain:
+        assert_logits_close(ckpt[name], plain[name], rtol=1e-5, what=f"gradient of {name}")
