@@ -270,6 +270,7 @@ class FamTrainer(Trainer):
         self._rng_step, self._rng_micro = -1, 0
         self._last_inputs: dict = {}  # what the last training forward pass received besides the batch (inspection)
         self._tokens_since_log, self._time_of_log = 0, None
+        self._answer_sums = dict.fromkeys(("loss", "correct", "tokens", "exact", "rows"), 0)
 
     # ---------------------------------------------------------------------------------- data
     def _set_signature_columns_if_needed(self):
@@ -334,8 +335,26 @@ class FamTrainer(Trainer):
             loss = loss + coefficient * aux_loss.to(loss.dtype) / steps
         if training:
             self._tokens_since_log += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+            self._record_answer_metrics(logits, targets, token_loss, weights)
             self._keep_final_state(outputs)
         return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_answer_metrics(self, logits, targets, token_loss, weights) -> None:
+        """Sums behind the logged `answer_loss`, `answer_accuracy` (per token) and `answer_exact` (per sequence):
+        over the tokens of weight 1 (a task's answers), apart from the down-weighted repeated segments that dominate
+        the training loss."""
+        answer = weights >= 1
+        if not answer.any():
+            return
+        predicted = logits.argmax(-1) == targets
+        sums = self._answer_sums
+        sums["loss"] += float(token_loss.detach().reshape(answer.shape)[answer].sum())
+        sums["correct"] += int(predicted[answer].sum())
+        sums["tokens"] += int(answer.sum())
+        rows = answer.any(dim=1)
+        sums["exact"] += int((predicted | ~answer).all(dim=1)[rows].sum())
+        sums["rows"] += int(rows.sum())
 
     def _step_rng(self) -> random.Random:
         """The random source of one forward pass: a function of (seed, optimizer step, micro-batch, process), so a
@@ -444,8 +463,15 @@ class FamTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds `tokens_per_second` (this process, since the last log) and `peak_memory_mib` to training logs."""
+        """Adds `tokens_per_second`, `peak_memory_mib` and, where the data has answers (tokens of weight 1),
+        `answer_loss`, `answer_accuracy` and `answer_exact` (this process, since the last log) to training logs."""
         if "loss" in logs:
+            sums = self._answer_sums
+            if sums["tokens"]:
+                logs["answer_loss"] = round(sums["loss"] / sums["tokens"], 4)
+                logs["answer_accuracy"] = round(sums["correct"] / sums["tokens"], 4)
+                logs["answer_exact"] = round(sums["exact"] / sums["rows"], 4)
+            self._answer_sums = dict.fromkeys(sums, 0)
             now = time.perf_counter()
             if self._time_of_log is not None and now > self._time_of_log:
                 logs["tokens_per_second"] = round(self._tokens_since_log / (now - self._time_of_log), 2)

@@ -292,6 +292,7 @@ def test_weighted_loss_is_normalised_over_the_whole_accumulated_batch(tmp_path, 
 
     model = _peft_model().train()
     total, weight_sum = 0.0, 0.0
+    answer_losses, answer_hits, exact = [], [], []  # over the tokens of weight 1 only
     for row in rows:
         ids = torch.tensor([row["input_ids"]])
         with torch.no_grad():
@@ -300,7 +301,12 @@ def test_weighted_loss_is_normalised_over_the_whole_accumulated_batch(tmp_path, 
         w = torch.tensor(row["loss_weights"][1:])
         total += float((losses * w).sum())
         weight_sum += float(w.sum())
+        hits = (logits.argmax(-1) == ids[0, 1:])[w == 1]
+        answer_losses += losses[w == 1].tolist()
+        answer_hits += hits.tolist()
+        exact.append(bool(hits.all()))
     expected = total / weight_sum
+    expected_answer = (sum(answer_losses) / len(answer_losses), sum(answer_hits) / len(answer_hits), sum(exact) / 4)
 
     results = {}
     for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
@@ -308,6 +314,8 @@ def test_weighted_loss_is_normalised_over_the_whole_accumulated_batch(tmp_path, 
         trainer.train()
         logged = trainer.state.log_history[0]
         results[(batch, accumulation)] = (logged["loss"], logged["grad_norm"])
+        answer = (logged["answer_loss"], logged["answer_accuracy"], logged["answer_exact"])
+        assert answer == pytest.approx(expected_answer, abs=1e-4), (answer, expected_answer)
     print("expected", expected, "logged (loss, grad norm):", results)
     for loss, grad_norm in results.values():
         assert abs(loss - expected) <= 1e-5 * expected
