@@ -81,13 +81,13 @@ class FamCacheLayer(CacheLayerMixin):
         values[rows, :, slots] = block_kv[1][rows, :, cols]
         return keys, values
 
-    def slide(self, rows: torch.Tensor, block_size: int, in_place: bool) -> None:
-        """Drop the oldest block of the window of the rows `rows` (b,) (bool): window slot j takes slot j + B."""
+    def slide(self, rows: torch.Tensor, index: torch.Tensor, block_size: int, in_place: bool) -> None:
+        """Drop the oldest block of the window of the rows `rows` (b,) (bool; `index` = their indices): window slot j
+        takes slot j + B. Both are on this layer's device."""
         if self.keys is None:
             return
         start, keep = self.fam_length, self.window_size - block_size
         if in_place:
-            index = rows.nonzero().flatten()
             for buffer in (self.keys, self.values):
                 buffer[index, :, start : start + keep] = buffer[index, :, start + block_size :]  # gathered: a copy
             return
@@ -213,6 +213,27 @@ class FamCache(Cache):
         self.fam_kv_fresh = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.seen_columns = 0
 
+    def place(self, device: torch.device | str, layer_devices: list[torch.device] | None = None) -> FamCache:
+        """Move the per-row counters to `device` (where the model's input is) and each layer's keys, values and FAM
+        state to `layer_devices[l]` (the device decoder layer l computes on; `device` for every layer when None).
+        Tensors already in place are not copied. Returns the cache."""
+        device = torch.device(device)
+        layer_devices = [device] * len(self.layers) if layer_devices is None else layer_devices
+        if len(layer_devices) != len(self.layers):
+            raise ValueError(f"layer_devices needs one device per layer ({len(self.layers)}), got {len(layer_devices)}")
+        for name in ("token_count", "position_offset", "fam_kv_fresh"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.device != device:
+                setattr(self, name, tensor.to(device))
+        for layer, layer_device in zip(self.layers, layer_devices):
+            layer_device = torch.device(layer_device)
+            for name, tensor in layer.tensors().items():
+                if tensor.device != layer_device:
+                    setattr(layer, name, tensor.to(layer_device))
+            if layer.keys is not None:
+                layer.store(layer.keys, layer.values)
+        return self
+
     def set_fam_state(self, fam_state: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
         """Set S[l] for every layer (e.g. the initial state, or a state kept from an earlier stream)."""
         if len(fam_state) != len(self.layers):
@@ -254,8 +275,13 @@ class FamCache(Cache):
         Rows that completed block k >= M slide their windows (in place unless gradients are being recorded)."""
         slide = completed & (self.token_count // self.block_size >= self.memory_segments)
         if bool(slide.any()):  # once per segment, not per layer: a decoding step slides nothing
+            per_device = {}  # the rows, moved once to each device that holds layers
             for layer in self.layers:
-                layer.slide(slide, self.block_size, in_place=not torch.is_grad_enabled())
+                if layer.keys is None:
+                    continue
+                if layer.keys.device not in per_device:
+                    per_device[layer.keys.device] = (slide.to(layer.keys.device), slide.nonzero().flatten().to(layer.keys.device))
+                layer.slide(*per_device[layer.keys.device], self.block_size, in_place=not torch.is_grad_enabled())
         self.token_count = self.token_count + real_tokens
         self.seen_columns += columns
         fresh = torch.ones_like(self.fam_kv_fresh) if fam_recomputed else self.fam_kv_fresh
@@ -335,10 +361,24 @@ class FamCache(Cache):
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FamCache:
-        """Read a stream state written by `save`."""
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None, *, model=None) -> FamCache:
+        """Read a stream state written by `save`.
+
+        Args:
+            device (*optional*): load everything onto this device.
+            model (`FamForCausalLM`, *optional*): the model that continues the stream: load onto its devices instead
+                (each layer's share onto the device that layer computes on, with accelerate's `device_map` too).
+            Without either, the CPU; a model moves a cache to its devices at its next call anyway (one copy).
+        """
         from safetensors import SafetensorError, safe_open
 
+        if model is not None and device is not None:
+            raise ValueError("Pass `model` (load onto the model's devices) or `device`, not both.")
+        layer_devices = None
+        if model is not None:
+            device = model.input_device() if hasattr(model, "input_device") else model.device
+            layer_devices = model._layer_devices(device) if hasattr(model, "_layer_devices") else None
+        device = torch.device("cpu" if device is None else device)
         try:
             handle = safe_open(os.fspath(path), framework="pt", device=str(device))
         except SafetensorError as error:
@@ -364,10 +404,7 @@ class FamCache(Cache):
                     _, idx, name = key.split(".", 2)
                     layer = cache.layers[int(idx)]
                     setattr(layer, name, f.get_tensor(key))
-            for layer in cache.layers:
-                if layer.keys is not None:
-                    layer.store(layer.keys, layer.values)
-        return cache
+        return cache.place(device, layer_devices)
 
 
 __all__ = ["FamCache", "FamCacheLayer"]

@@ -129,6 +129,11 @@ class FamGate(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_layers))
 
+    def forward(self) -> torch.Tensor:
+        """The gates of every layer, (num_hidden_layers,). Read through `forward` (not `.weight`) so that an offloaded
+        gate is loaded by accelerate's hook."""
+        return self.weight
+
     def extra_repr(self) -> str:
         return f"num_layers={self.weight.shape[0]}"
 
@@ -137,10 +142,11 @@ class FamGate(nn.Module):
 class _Segment:
     """Columns [start, end) of the input in which no row crosses a block boundary.
 
-    Per-row tensors (b = batch): `token_index` (b, n) is each column's index in its row's stream, -1 for padding;
-    `block` (b,) the 0-based index of the row's current block; `completes` (b,) whether that block ends with this
-    segment; `real_tokens` (b,) the row's tokens in the segment; `writes` where their keys go in the cache. Attention
-    reads the F FAM slots and the first `span` window slots of the cache.
+    Per-row tensors (b = batch), on the control device (where the input and the cache's counters live):
+    `token_index` (b, n) is each column's index in its row's stream, -1 for padding; `block` (b,) the 0-based index of
+    the row's current block; `completes` (b,) whether that block ends with this segment; `real_tokens` (b,) the row's
+    tokens in the segment; `writes` where their keys go in the cache. Attention reads the F FAM slots and the first
+    `span` window slots of the cache. `on(device)` gives what a layer call uses, on that layer's device.
     """
 
     start: int
@@ -157,6 +163,61 @@ class _Segment:
     position_embeddings: dict = None
     routed_rows: torch.Tensor = None
 
+    def on(self, device: torch.device) -> _SegmentOnDevice:
+        """What a layer call on `device` uses (masks, positions, rotary embeddings, cache writes, `completes`), moved
+        there once per device and segment, however many layers live on that device."""
+        per_device = self.__dict__.setdefault("_per_device", {})
+        if device not in per_device:
+            per_device[device] = _SegmentOnDevice(
+                masks=_to_device(self.masks, device),
+                position_embeddings=_to_device(self.position_embeddings, device),
+                position_ids=self.position_ids.to(device),
+                writes=_to_device(self.writes, device),
+                completes=self.completes.to(device),
+                routed_rows=_to_device(self.routed_rows, device),
+                span=self.span,
+                fam_rows=self.fam_rows,
+            )
+        return per_device[device]
+
+
+@dataclass
+class _SegmentOnDevice:
+    """The tensors of a `_Segment` that a layer call reads, on that layer's device."""
+
+    masks: dict
+    position_embeddings: dict
+    position_ids: torch.Tensor
+    writes: tuple
+    completes: torch.Tensor
+    routed_rows: torch.Tensor | None
+    span: int
+    fam_rows: bool
+
+
+def _to_device(value, device):
+    """`value` (a tensor, or a tuple/list/dict of them) on `device`; tensors already there are returned as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
+
+
+def _execution_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    """The device `module` computes on: the execution device of its accelerate hook when it has one (its weights may
+    sit on `meta`, offloaded to CPU or disk), else the device of its parameters, else `fallback`."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        device = getattr(one, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    for parameter in module.parameters():
+        return parameter.device
+    return fallback
+
 
 class _BlockKeyValues:
     """Stands in for the cache during one decoder-layer call on one block segment.
@@ -168,7 +229,7 @@ class _BlockKeyValues:
     exactly the keys of the first pass.
     """
 
-    def __init__(self, layer_cache, source, segment: _Segment, fam_length: int, in_place: bool):
+    def __init__(self, layer_cache, source, segment: _SegmentOnDevice, fam_length: int, in_place: bool):
         self.layer_cache = layer_cache
         self.source = source
         self.segment = segment
@@ -434,6 +495,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         if columns == 0:
             raise ValueError("The input has no tokens (sequence length 0).")
         cache = self._stream_cache(cache, batch, inputs_embeds, fam_position_offset, fam_state)
+        # Every layer's share of the cache on that layer's device, the counters on the input's (a no-op but for a
+        # cache restored elsewhere or a model whose layers moved).
+        cache.place(inputs_embeds.device, self._layer_devices(inputs_embeds.device))
         real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
         hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
         hidden_states = self.model.norm(hidden_states)
@@ -513,23 +577,40 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         """S0[l] for every layer l: the inputs of each layer when the FAM prompt alone runs through the decoder,
         with bidirectional attention among its F rows and positions -F .. -1 (+ offset). Each is (b, F, hidden)."""
         fam_length = self.config.fam_length
-        prompt = self.fam_prompt.weight
         if position_offset is None or bool((position_offset == position_offset[0]).all()):
             rows = 1  # S0 is the same for every row: compute it once
             offset = 0 if position_offset is None else position_offset[:1]
         else:
             rows, offset = batch_size, position_offset
-        positions = torch.arange(-fam_length, 0, device=prompt.device)[None, :] + torch.as_tensor(offset).reshape(-1, 1)
-        positions = positions.to(prompt.device).expand(rows, -1)
+        # Through the module's forward, not `.weight`: an offloaded prompt is on `meta` until its hook loads it.
         hidden = self.fam_prompt(rows)
-        everything = torch.ones(rows, fam_length, dtype=torch.bool, device=prompt.device)
-        mask = self._build_mask(lambda b, h, q, k: everything[b, q] & everything[b, k], rows, fam_length, fam_length, hidden.dtype)
-        position_embeddings = self._position_embeddings(hidden, positions)
+        device = hidden.device
+        positions = torch.arange(-fam_length, 0, device=device)[None, :] + torch.as_tensor(offset).to(device).reshape(-1, 1)
+        positions = positions.expand(rows, -1)
+        everything = torch.ones(rows, fam_length, dtype=torch.bool, device=device)
+        mask = self._build_mask(
+            lambda b, h, q, k: everything[b, q] & everything[b, k], rows, fam_length, fam_length, hidden.dtype, device
+        )
+        inputs = (mask, self._position_embeddings(hidden, positions), positions)
+        per_device = {}  # what the layer calls read, moved once per device
         states = []
-        for layer, layer_type in zip(self.model.layers, self.layer_types):
+        for layer, layer_type, layer_device in zip(self.model.layers, self.layer_types, self._layer_devices(device)):
+            if layer_device not in per_device:
+                per_device[layer_device] = _to_device(inputs, layer_device)
+            layer_mask, position_embeddings, layer_positions = per_device[layer_device]
+            hidden = hidden.to(layer_device)
             states.append(hidden)
-            hidden = self._call_layer(layer, hidden, mask, position_embeddings[layer_type], positions, None)
+            hidden = self._call_layer(layer, hidden, layer_mask, position_embeddings[layer_type], layer_positions, None)
         return tuple(state.expand(batch_size, -1, -1) for state in states)
+
+    def input_device(self) -> torch.device:
+        """The device the stream's input and per-row counters live on: where the embedding computes (with accelerate's
+        `device_map`, its execution device, even when its weights are offloaded)."""
+        return _execution_device(self.model.embed_tokens, self.device)
+
+    def _layer_devices(self, fallback: torch.device) -> list[torch.device]:
+        """The device each decoder layer computes on (see `_execution_device`)."""
+        return [_execution_device(layer, fallback) for layer in self.model.layers]
 
     # ------------------------------------------------------------------------------------- rules 2 to 6
     def _run_blocks(self, inputs_embeds, real, cache: FamCache, output_hidden_states: bool):
@@ -539,6 +620,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         states after the embedding and after every layer.
         """
         block_size = self.config.block_size
+        devices = self._layer_devices(inputs_embeds.device)
+        # Through the module's forward, not `.weight`: an offloaded gate is on `meta` until its hook loads it.
+        gates = None if self.fam_gate is None else self.fam_gate()
         token_index = torch.where(real, cache.token_count[:, None] + real.cumsum(1) - 1, _PAD)
         # A segment ends after every column where some row completes a block, so no row crosses a boundary inside one.
         ends_block = real & ((token_index + 1) % block_size == 0)
@@ -550,8 +634,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], start, end, inputs_embeds)
             hidden = inputs_embeds[:, start:end]
             seen = [hidden]
-            for layer_idx, layer in enumerate(self.model.layers):
-                hidden = self._block_layer(layer, layer_idx, hidden, segment, cache)
+            for layer_idx, (layer, device) in enumerate(zip(self.model.layers, devices)):
+                hidden = self._block_layer(layer, layer_idx, hidden.to(device), segment.on(device), cache, gates)
                 if output_hidden_states:
                     seen.append(hidden)
             cache.advance(segment.real_tokens, end - start, segment.fam_rows, segment.completes)
@@ -591,7 +675,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         for window in set(self._layer_windows()):
             mask_function = _fam_mask_function(query_index, key_index, block, B, M, window)
             segment.masks[window] = self._build_mask(
-                mask_function, batch, query_index.shape[1], key_index.shape[1], inputs_embeds.dtype
+                mask_function, batch, query_index.shape[1], key_index.shape[1], inputs_embeds.dtype, device
             )
         segment.position_embeddings = self._position_embeddings(inputs_embeds, segment.position_ids)
         # rows whose router logits count for a mixture-of-experts load-balancing loss: FAM rows of rows that have
@@ -600,8 +684,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         segment.routed_rows = torch.cat([has_tokens, token_index >= 0], 1) if fam_rows else token_index >= 0
         return segment
 
-    def _block_layer(self, layer, layer_idx: int, hidden, segment: _Segment, cache: FamCache):
-        """Rules 2, 3, 5 and 6 for one decoder layer on one block segment."""
+    def _block_layer(self, layer, layer_idx: int, hidden, segment: _SegmentOnDevice, cache: FamCache, gates=None):
+        """Rules 2, 3, 5 and 6 for one decoder layer on one block segment. `hidden`, `segment` and the layer's share
+        of `cache` are on the layer's device; `gates` are the gated update's gates (`FamGate.forward`), or None."""
         F = self.config.fam_length
         state = cache.layers[layer_idx]
         rows = torch.cat([state.fam_state, hidden], dim=1) if segment.fam_rows else hidden
@@ -621,8 +706,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             return output
         # Rule 5: the FAM rows' output is S[l] of the next block, only once the block is complete.
         new_state = output[:, :F]
-        if self.fam_gate is not None:  # the gated update: S + g (output - S)
-            new_state = state.fam_state + self.fam_gate.weight[layer_idx].to(new_state.dtype) * (new_state - state.fam_state)
+        if gates is not None:  # the gated update: S + g (output - S)
+            gate = gates[layer_idx].to(device=new_state.device, dtype=new_state.dtype)
+            new_state = state.fam_state + gate * (new_state - state.fam_state)
         state.fam_state = torch.where(segment.completes[:, None, None], new_state, state.fam_state)
         return output[:, F:]
 
@@ -662,7 +748,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         window = getattr(self.config.text_config, "sliding_window", None)
         return [window if kind == "sliding_attention" else None for kind in self.layer_types]
 
-    def _build_mask(self, mask_function, batch, query_length, key_length, dtype):
+    def _build_mask(self, mask_function, batch, query_length, key_length, dtype, device):
         mask_interface = ALL_MASK_ATTENTION_FUNCTIONS[self.model.config._attn_implementation]
         mask = mask_interface(
             batch_size=batch,
@@ -672,7 +758,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             allow_is_causal_skip=False,
             allow_is_bidirectional_skip=False,
             dtype=dtype,
-            device=self.fam_prompt.weight.device,
+            device=device,
         )
         if mask.dtype == torch.bool:
             # sdpa would turn a boolean mask into an additive one in every layer; do it once for all layers.
@@ -682,7 +768,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
     def _position_embeddings(self, hidden, position_ids) -> dict:
         """(cos, sin) for `position_ids` (b, q), per layer type, from the base model's rotary module."""
         rotary = self.model.rotary_emb
-        rotary_forward = self._rotary_forward()
+        rotary_forward = self._rotary_forward(hidden.device)
         takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
         embeddings = {}
         for layer_type in set(self.layer_types):
@@ -690,7 +776,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             embeddings[layer_type] = rotary_forward(hidden, position_ids, *extra)
         return embeddings
 
-    def _rotary_forward(self):
+    def _rotary_forward(self, device: torch.device):
         """The rotary module's forward; for length-dependent rotary types, with frequencies fixed once (rule 7)."""
         rotary = self.model.rotary_emb
         rope_types = rotary.rope_type.values() if isinstance(rotary.rope_type, dict) else [rotary.rope_type]
@@ -700,7 +786,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             # Drive the library's own update rule to the state it has for a max_position_embeddings-token sequence.
             takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
             layer_types = set(self.layer_types) if takes_layer_type else [None]
-            probe = self.fam_prompt.weight.new_zeros(1, 1, 1)
+            probe = torch.zeros(1, 1, 1, device=device)
             last = self.config.text_config.max_position_embeddings - 1
             for layer_type in layer_types:
                 extra = (layer_type,) if layer_type is not None else ()
