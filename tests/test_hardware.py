@@ -27,14 +27,15 @@ def saved_fam(tmp_path, family="llama", attn="eager", **settings):
 
 
 def offloaded(tmp_path, attn="eager"):
-    """The saved model with layer 1, the FAM prompt and the FAM gate offloaded to disk (their weights on `meta`)."""
+    """The saved model with the (tied) embedding and head, layer 1, the FAM prompt and the FAM gate offloaded to disk
+    (their weights on `meta`, loaded by accelerate's hooks while their module runs)."""
     device_map = {
-        "model.embed_tokens": "cpu",
+        "model.embed_tokens": "disk",
         "model.rotary_emb": "cpu",
         "model.layers.0": "cpu",
         "model.layers.1": "disk",
         "model.norm": "cpu",
-        "lm_head": "cpu",
+        "lm_head": "disk",
         "fam_prompt": "disk",
         "fam_gate": "disk",
     }
@@ -62,6 +63,9 @@ def test_offloaded_model_equals_the_plain_model(tmp_path):
             chunks.append(out.logits)
     keep = mask.bool()
     assert_logits_close(torch.cat(chunks, 1)[keep], expected[keep], what="offloaded, chunked")
+    streamed = torch.cat(list(hf_fam.stream_log_likelihood(model, [ids[:1, :7], ids[:1, 7:]])), dim=1)
+    log_probs = torch.log_softmax(expected[:1].float(), dim=-1)[:, :-1].gather(-1, ids[:1, 1:, None])[..., 0]
+    torch.testing.assert_close(streamed, log_probs, rtol=1e-5, atol=1e-5)
 
 
 def test_offloaded_model_generates_like_the_plain_model(tmp_path):
