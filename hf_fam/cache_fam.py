@@ -137,7 +137,8 @@ class FamCache(Cache):
     """Constant-size cache of a [`FamForCausalLM`] stream (see the module docstring).
 
     Its size stops growing once (M+1)*B tokens have been consumed. `get_seq_length()` counts every column the
-    model has consumed, padding included, which is what `generate()` slices its inputs by.
+    model has consumed, padding included (since the last `without_history()`), which is what `generate()` slices
+    its inputs by.
 
     Args:
         block_size, memory_segments, fam_length (`int`): B, M and F of the model.
@@ -212,6 +213,14 @@ class FamCache(Cache):
         self.position_offset = position_offset.to(device=device, dtype=torch.long).expand(batch_size).clone()
         self.fam_kv_fresh = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.seen_columns = 0
+
+    def without_history(self) -> FamCache:
+        """Let the next call, or `generate`, take only the new tokens of the stream: `get_seq_length()` counts columns
+        from here on, so `generate` slices nothing off its `input_ids` (by transformers' convention they would hold
+        the whole history). The stream itself goes on: positions, blocks, the window and the FAM state continue.
+        Returns the cache, e.g. `model.generate(new_ids, cache=cache.without_history())`."""
+        self.seen_columns = 0
+        return self
 
     def place(self, device: torch.device | str, layer_devices: list[torch.device] | None = None) -> FamCache:
         """Move the per-row counters to `device` (where the model's input is) and each layer's keys, values and FAM

@@ -493,6 +493,14 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             inputs_embeds = self.model.embed_tokens(input_ids)
         batch, columns = inputs_embeds.shape[:2]
         if columns == 0:
+            consumed = cache.get_seq_length() if isinstance(cache, FamCache) and cache.is_started else 0
+            if consumed:
+                raise ValueError(
+                    f"The input has no tokens (sequence length 0). The cache has consumed {consumed} column(s), and "
+                    "generate() slices that many columns off input_ids, taking them for the whole history. To "
+                    "continue the stream with only the new tokens, pass cache=cache.without_history() (or an "
+                    "attention_mask covering the past and new columns); or pass the whole history as input_ids."
+                )
             raise ValueError("The input has no tokens (sequence length 0).")
         cache = self._stream_cache(cache, batch, inputs_embeds, fam_position_offset, fam_state)
         # Every layer's share of the cache on that layer's device, the counters on the input's (a no-op but for a

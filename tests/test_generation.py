@@ -63,3 +63,43 @@ def test_batched_left_padded_greedy_equals_each_row_alone():
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
         assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), f"row {row}"
+
+
+def generate_turn(model, ids, cache):
+    """One turn of a conversation over a stream: only the turn's new tokens, plus the cache."""
+    return model.generate(
+        ids, cache=cache.without_history(), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_generate_continues_a_stream_without_its_history(attn):
+    """Read a document once, then chat: each turn passes only its new tokens. Every step equals one call over the
+    whole conversation; a copy of the cache answers another question about the same document."""
+    import copy
+
+    model = fam_model("llama", 4, 1, 2, attn=attn)
+    document, first, second = random_ids(1, 13, seed=11), random_ids(1, 3, seed=12), random_ids(1, 5, seed=13)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(document, cache=cache)
+    after_document = copy.deepcopy(cache)
+    answer = generate_turn(model, first, cache)
+    # generate() never feeds its last token: the next turn's input starts with it
+    next_turn = torch.cat([answer.sequences[:, -1:], second], 1)
+    reply = generate_turn(model, next_turn, cache)
+    conversation = torch.cat([document, answer.sequences, reply.sequences[:, 1:]], 1)
+    check_steps_against_one_call(model, conversation, answer.logits, 13 + 3)
+    check_steps_against_one_call(model, conversation, reply.logits, 13 + 3 + 6 + 5)
+    other = generate_turn(model, second, after_document)
+    check_steps_against_one_call(model, torch.cat([document, other.sequences], 1), other.logits, 13 + 5)
+
+
+def test_generate_with_only_new_tokens_and_a_used_cache_says_what_to_pass():
+    model = fam_model("llama", 4, 1, 2)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(random_ids(1, 13), cache=cache)
+    with pytest.raises(ValueError, match=r"consumed 13 column.*cache=cache.without_history\(\)"):
+        model.generate(random_ids(1, 3), cache=cache, max_new_tokens=2)
