@@ -17,18 +17,20 @@ def check_steps_against_one_call(model, sequences, step_logits, prompt_length, b
         assert_logits_close(logits[source], one_call[prompt_length - 1 + step], what=f"step {step}")
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("prompt_length", [5, 8, 37])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_greedy_matches_one_call(family, prompt_length):
-    model = fam_model(family, 8, 1, 3)
+def test_greedy_matches_one_call(family, prompt_length, attn):
+    model = fam_model(family, 8, 1, 3, attn)
     ids = random_ids(1, prompt_length, seed=prompt_length)
     out = model.generate(ids, max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True, min_new_tokens=20)
     assert out.sequences.shape[1] == prompt_length + 20
     check_steps_against_one_call(model, out.sequences, out.logits, prompt_length)
 
 
-def test_sampling_matches_one_call():
-    model = fam_model("qwen3", 6, 2, 2)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_sampling_matches_one_call(attn):
+    model = fam_model("qwen3", 6, 2, 2, attn)
     ids = random_ids(1, 15, seed=1)
     torch.manual_seed(0)
     out = model.generate(
@@ -38,9 +40,10 @@ def test_sampling_matches_one_call():
     check_steps_against_one_call(model, out.sequences, out.logits, 15)
 
 
-def test_beam_search_reorders_the_fam_state():
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_beam_search_reorders_the_fam_state(attn):
     """Beams are reordered every step; the FAM state and token counters must follow their beams."""
-    model = fam_model("llama", 4, 1, 2)
+    model = fam_model("llama", 4, 1, 2, attn)
     ids = random_ids(1, 9, seed=2)
     out = model.generate(
         ids, max_new_tokens=14, min_new_tokens=14, num_beams=3, num_return_sequences=3, do_sample=False,
@@ -50,8 +53,9 @@ def test_beam_search_reorders_the_fam_state():
         check_steps_against_one_call(model, out.sequences, out.logits, 9, beam_indices=out.beam_indices, row=row)
 
 
-def test_batched_left_padded_greedy_equals_each_row_alone():
-    model = fam_model("mixtral", 5, 1, 2)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_batched_left_padded_greedy_equals_each_row_alone(attn):
+    model = fam_model("mixtral", 5, 1, 2, attn)
     prompts = [random_ids(1, n, seed=n)[0] for n in (17, 4, 11)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)

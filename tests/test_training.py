@@ -35,8 +35,11 @@ def test_fam_prompt_gets_gradient_from_a_loss_on_the_last_block(family):
     assert embed_grad[ids[0, :5]].abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "mixtral"])
-def test_gradient_checkpointing_keeps_memory_segments_and_gradients(family):
+@pytest.mark.parametrize(
+    "family, attn",
+    [("llama", "eager"), ("llama", "sdpa"), ("gemma2", "eager"), ("qwen3", "eager"), ("qwen3", "sdpa"), ("mixtral", "sdpa")],
+)
+def test_gradient_checkpointing_keeps_memory_segments_and_gradients(family, attn):
     """Under checkpointing the BSWA limit still equals the base model (memory segments are not dropped) and every
     gradient equals the one computed without checkpointing, also on a sequence longer than the (M+1)B window (the
     recompute of an early block must see its own memory, not the later blocks that replaced it in the cache)."""
@@ -44,7 +47,7 @@ def test_gradient_checkpointing_keeps_memory_segments_and_gradients(family):
     labels = ids.clone()
 
     def run(checkpointing, fam_length, memory_segments, seed=0):
-        base = tiny_base(family, seed=seed)
+        base = tiny_base(family, attn, seed=seed)
         fam = hf_fam.convert_to_fam(base, block_size=6, memory_segments=memory_segments, fam_length=fam_length)
         fam = randomize_fam(fam) if fam_length else fam
         fam.train()
@@ -129,17 +132,18 @@ CHECKPOINTING_MODES = {
 }
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("fam_update", ["gated", "replace"])
 @pytest.mark.parametrize("mode", list(CHECKPOINTING_MODES))
 @pytest.mark.parametrize("memory_segments", [1, 3])
-def test_every_checkpointing_mode_gives_the_gradients_of_none(mode, memory_segments, fam_update):
+def test_every_checkpointing_mode_gives_the_gradients_of_none(mode, memory_segments, fam_update, attn):
     """Reentrant checkpointing carries gradients only through the positional inputs of the checkpointed function;
     the memory keys/values read by a layer call must be among them, or their gradients are lost."""
     ids = random_ids(2, 24)
 
     def gradients(kwargs):
         fam = hf_fam.convert_to_fam(
-            tiny_base("llama", seed=3), block_size=6, memory_segments=memory_segments, fam_length=2, fam_update=fam_update
+            tiny_base("llama", attn, seed=3), block_size=6, memory_segments=memory_segments, fam_length=2, fam_update=fam_update
         )
         fam = randomize_fam(fam).train()
         if kwargs is not None:
