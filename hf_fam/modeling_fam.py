@@ -206,6 +206,70 @@ def _to_device(value, device):
     return value
 
 
+def _segment_bounds(real: torch.Tensor, token_count: torch.Tensor, block_size: int) -> list[int]:
+    """Column bounds of the segments of an input (real (b, n): real tokens; token_count (b,): tokens each row's stream
+    consumed before): a segment ends after every column where some row completes a block, so no row crosses a block
+    boundary inside one."""
+    token_index = token_count[:, None] + real.cumsum(1) - 1
+    ends_block = real & ((token_index + 1) % block_size == 0)
+    cuts = (ends_block.any(0).nonzero().flatten() + 1).tolist()
+    return sorted({0, real.shape[1], *cuts})
+
+
+class _BlockAlignedLayout:
+    """The rows of an input moved so that their block boundaries fall on the same columns.
+
+    Where the rows of a batch are at different phases of their blocks (uneven left padding, or streams at different
+    token counts), cutting a segment wherever *some* row completes a block multiplies the segments, and every row
+    carries FAM rows in each of them. Placing each row's k-th real token at column (token_count % B) + k puts every
+    row's block ends on the columns c with (c + 1) % B == 0 and moves the padding to the ends. Each row is its own
+    stream (its positions, blocks and keys follow its own token count), so no row's result changes, only the
+    number of segments and columns the batch needs. Padding columns of the outputs hold zeros.
+    """
+
+    def __init__(self, real, bounds, rows, columns, aligned_columns):
+        self.real, self.bounds = real, bounds
+        self.rows, self.columns, self.aligned_columns = rows, columns, aligned_columns
+
+    @classmethod
+    def plan(cls, real: torch.Tensor, token_count: torch.Tensor, block_size: int, fam_length: int, segments: int):
+        """The aligned layout of `real` (b, n), or None when it would not be cheaper than the input as it is
+        (`segments` segments). Cost: the rows each layer runs, columns + F per segment (FAM rows), then the number of
+        segments. A fresh left-padded batch always gains (no wider, fewer segments); rows of continued streams at
+        different phases may need up to B - 1 more columns, which can cost more than the FAM rows they save.
+        Decoding steps and batches whose rows are in step keep their layout."""
+        batch, width = real.shape
+        if width == 1 or segments == 1 or block_size == 1:
+            return None
+        counts = real.sum(1)
+        phase = token_count % block_size
+        aligned_width = int((phase + counts).max())
+        if aligned_width == 0:  # padding only
+            return None
+        rows, columns = real.nonzero(as_tuple=True)
+        aligned_columns = phase[rows] + real.cumsum(1)[rows, columns] - 1
+        aligned = torch.zeros(batch, aligned_width, dtype=torch.bool, device=real.device)
+        aligned[rows, aligned_columns] = True
+        bounds = _segment_bounds(aligned, token_count, block_size)
+        aligned_cost = (aligned_width + fam_length * (len(bounds) - 1), len(bounds) - 1)
+        if aligned_cost >= (width + fam_length * segments, segments):
+            return None
+        return cls(aligned, bounds, rows, columns, aligned_columns)
+
+    def gather(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(b, n, ...) in the input's layout -> (b, n', ...) in the aligned one."""
+        aligned = inputs.new_zeros(inputs.shape[0], self.real.shape[1], *inputs.shape[2:])
+        aligned[self.rows, self.aligned_columns] = inputs[self.rows, self.columns]
+        return aligned
+
+    def scatter(self, aligned: torch.Tensor, width: int) -> torch.Tensor:
+        """(b, n', ...) in the aligned layout -> (b, `width`, ...) in the input's, zeros on padding."""
+        rows, columns, aligned_columns = (t.to(aligned.device) for t in (self.rows, self.columns, self.aligned_columns))
+        result = aligned.new_zeros(aligned.shape[0], width, *aligned.shape[2:])
+        result[rows, columns] = aligned[rows, aligned_columns]
+        return result
+
+
 def _execution_device(module: nn.Module, fallback: torch.device) -> torch.device:
     """The device `module` computes on: the execution device of its accelerate hook when it has one (its weights may
     sit on `meta`, offloaded to CPU or disk), else the device of its parameters, else `fallback`."""
@@ -411,7 +475,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             use_cache (`bool`): return the `FamCache` to continue the stream.
             logits_to_keep (`int` or `torch.Tensor`): as in the base model's causal-LM head.
             output_hidden_states (`bool`): return the hidden states of the block rows after the embedding and after
-                every layer (the last one normed).
+                every layer (the last one normed). Padding columns hold no meaningful values (zeros when the batch
+                ran block-aligned).
             output_attentions (`bool`): not supported (attention is computed block by block with FAM rows); True is
                 refused.
             output_router_logits (`bool`): mixture-of-experts families: return the router logits of every routed row
@@ -631,11 +696,12 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         devices = self._layer_devices(inputs_embeds.device)
         # Through the module's forward, not `.weight`: an offloaded gate is on `meta` until its hook loads it.
         gates = None if self.fam_gate is None else self.fam_gate()
+        columns = real.shape[1]
+        bounds = _segment_bounds(real, cache.token_count, block_size)
+        layout = _BlockAlignedLayout.plan(real, cache.token_count, block_size, self.config.fam_length, len(bounds) - 1)
+        if layout is not None:
+            inputs_embeds, real, bounds = layout.gather(inputs_embeds), layout.real, layout.bounds
         token_index = torch.where(real, cache.token_count[:, None] + real.cumsum(1) - 1, _PAD)
-        # A segment ends after every column where some row completes a block, so no row crosses a boundary inside one.
-        ends_block = real & ((token_index + 1) % block_size == 0)
-        cuts = (ends_block.any(0).nonzero().flatten() + 1).tolist()
-        bounds = sorted({0, real.shape[1], *cuts})
 
         outputs, hidden_per_layer = [], []
         for start, end in zip(bounds[:-1], bounds[1:]):
@@ -646,13 +712,18 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 hidden = self._block_layer(layer, layer_idx, hidden.to(device), segment.on(device), cache, gates)
                 if output_hidden_states:
                     seen.append(hidden)
-            cache.advance(segment.real_tokens, end - start, segment.fam_rows, segment.completes)
+            # the input's columns (what generate() slices by) are consumed once the last segment has run
+            cache.advance(segment.real_tokens, columns if end == bounds[-1] else 0, segment.fam_rows, segment.completes)
             outputs.append(hidden)
             hidden_per_layer.append(seen)
         all_hidden = None
         if output_hidden_states:
             all_hidden = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*hidden_per_layer))
-        return torch.cat(outputs, dim=1), all_hidden
+        hidden = torch.cat(outputs, dim=1)
+        if layout is not None:
+            hidden = layout.scatter(hidden, columns)
+            all_hidden = None if all_hidden is None else tuple(layout.scatter(h, columns) for h in all_hidden)
+        return hidden, all_hidden
 
     def _plan_segment(self, cache: FamCache, token_index, real, start, end, inputs_embeds) -> _Segment:
         B, M, F = self.config.block_size, self.config.memory_segments, self.config.fam_length

@@ -246,3 +246,62 @@ def test_streaming_helpers_do_not_change_the_callers_grad_mode():
         first = next(stream)
         assert torch.is_grad_enabled() and not first.requires_grad
         next(stream)
+
+
+def layer_calls(model, run):
+    """How many times the first decoder layer is called while `run()` runs: the number of block segments."""
+    calls = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with torch.no_grad():
+            result = run()
+    finally:
+        handle.remove()
+    return len(calls), result
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_left_padded_batch_runs_in_the_segments_of_an_unpadded_one(attn):
+    """Uneven left padding puts the rows' block ends on different columns; the batch still runs in as many segments
+    as the same rows unpadded (not one per column where some row completes a block), each row equal to the row alone,
+    and so does a continuation in which the rows are at different points of their blocks."""
+    model = fam_model("llama", 8, 1, 2, attn)
+    ids = random_ids(4, 64, seed=21)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 2, 4, 6)):
+        mask[row, :pad] = 0
+    unpadded, _ = layer_calls(model, lambda: model(ids))
+    padded, out = layer_calls(model, lambda: model(ids, attention_mask=mask, use_cache=True))
+    assert unpadded == padded == 8 + 1  # eight blocks, and the FAM prompt's own pass at the start (S0)
+    more = random_ids(4, 16, seed=22)
+    full_mask = torch.cat([mask, torch.ones_like(more)], 1)
+    continued, next_out = layer_calls(model, lambda: model(more, attention_mask=full_mask, cache=out.past_key_values))
+    # rows at tokens 64, 62, 60, 58: as they are, a segment ends every 2 columns (8 segments); aligned, 3 segments
+    assert continued == 3
+    assert out.past_key_values.get_seq_length() == 80
+    with torch.no_grad():
+        for row in range(4):
+            keep = mask[row].bool()
+            alone = model(torch.cat([ids[row][keep], more[row]])[None]).logits[0]
+            assert_logits_close(out.logits[row][keep], alone[: int(keep.sum())], what=f"row {row}")
+            assert_logits_close(next_out.logits[row], alone[int(keep.sum()) :], what=f"row {row}, continued")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=stream_cases(), pads=st.lists(st.integers(0, 12), min_size=3, max_size=3), seed=st.integers(0, 1000))
+def test_left_padded_batch_fed_in_chunks_equals_each_row_alone_property(case, pads, seed):
+    """Rows of uneven left padding, fed in chunks: whichever layout each call runs in, every row equals the row
+    alone in one call."""
+    block_size, memory_segments, fam_length, length, chunks = case
+    model = fam_model("llama", block_size, memory_segments, fam_length)
+    width = length + max(pads)
+    ids = random_ids(3, width, seed=seed)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    with torch.no_grad():
+        chunked = run_chunked(model, ids, chunks, attention_mask=mask)
+        for row in range(3):
+            keep = mask[row].bool()
+            alone = model(ids[row][keep][None]).logits[0]
+            assert_logits_close(chunked[row][keep], alone, what=f"row {row}, pads {pads}, chunks {chunks}")
