@@ -139,3 +139,26 @@ def test_load_puts_the_stream_state_on_the_models_devices(tmp_path):
         assert restored.layers[1].keys.device.type == "cpu"
         model(ids[:, :2], cache=restored)
     assert [layer.keys.device.type for layer in restored.layers] == ["cpu", "meta"]
+
+
+def test_what_layer_calls_read_is_moved_once_per_device_not_per_layer(monkeypatch):
+    """Four layers on two devices: each block segment's masks, positions and cache indices are moved twice."""
+    from hf_fam import modeling_fam
+
+    fam = randomize_fam(hf_fam.convert_to_fam(tiny_base("gemma3_text"), block_size=4, memory_segments=1, fam_length=2))
+    model = split_over_cpu_and_meta(fam.eval(), 2)
+    moved, calls = [], []
+    original = modeling_fam._SegmentOnDevice.__init__
+
+    def counting(self, *args, **kwargs):
+        moved.append(kwargs["position_ids"].device)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_fam._SegmentOnDevice, "__init__", counting)
+    handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    with torch.no_grad():
+        model(random_ids(1, 13))
+    handle.remove()
+    segments = len(calls) - 1  # the FAM prompt's own pass (S0) calls the layers too
+    assert segments == 4
+    assert sorted(d.type for d in moved) == ["cpu"] * segments + ["meta"] * segments
