@@ -386,7 +386,7 @@ class FamCache(Cache):
         layer_devices = None
         if model is not None:
             device = model.input_device() if hasattr(model, "input_device") else model.device
-            layer_devices = model._layer_devices(device) if hasattr(model, "_layer_devices") else None
+            layer_devices = model.layer_devices(device) if hasattr(model, "layer_devices") else None
         device = torch.device("cpu" if device is None else device)
         try:
             handle = safe_open(os.fspath(path), framework="pt", device=str(device))

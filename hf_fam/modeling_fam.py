@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -162,13 +162,13 @@ class _Segment:
     masks: dict = None
     position_embeddings: dict = None
     routed_rows: torch.Tensor = None
+    per_device: dict = field(default_factory=dict, repr=False)
 
     def on(self, device: torch.device) -> _SegmentOnDevice:
         """What a layer call on `device` uses (masks, positions, rotary embeddings, cache writes, `completes`), moved
         there once per device and segment, however many layers live on that device."""
-        per_device = self.__dict__.setdefault("_per_device", {})
-        if device not in per_device:
-            per_device[device] = _SegmentOnDevice(
+        if device not in self.per_device:
+            self.per_device[device] = _SegmentOnDevice(
                 masks=_to_device(self.masks, device),
                 position_embeddings=_to_device(self.position_embeddings, device),
                 position_ids=self.position_ids.to(device),
@@ -178,7 +178,7 @@ class _Segment:
                 span=self.span,
                 fam_rows=self.fam_rows,
             )
-        return per_device[device]
+        return self.per_device[device]
 
 
 @dataclass
@@ -570,7 +570,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         cache = self._stream_cache(cache, batch, inputs_embeds, fam_position_offset, fam_state)
         # Every layer's share of the cache on that layer's device, the counters on the input's (a no-op but for a
         # cache restored elsewhere or a model whose layers moved).
-        cache.place(inputs_embeds.device, self._layer_devices(inputs_embeds.device))
+        cache.place(inputs_embeds.device, self.layer_devices(inputs_embeds.device))
         real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
         hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
         hidden_states = self.model.norm(hidden_states)
@@ -667,7 +667,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         inputs = (mask, self._position_embeddings(hidden, positions), positions)
         per_device = {}  # what the layer calls read, moved once per device
         states = []
-        for layer, layer_type, layer_device in zip(self.model.layers, self.layer_types, self._layer_devices(device)):
+        for layer, layer_type, layer_device in zip(self.model.layers, self.layer_types, self.layer_devices(device)):
             if layer_device not in per_device:
                 per_device[layer_device] = _to_device(inputs, layer_device)
             layer_mask, position_embeddings, layer_positions = per_device[layer_device]
@@ -681,8 +681,11 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         `device_map`, its execution device, even when its weights are offloaded)."""
         return _execution_device(self.model.embed_tokens, self.device)
 
-    def _layer_devices(self, fallback: torch.device) -> list[torch.device]:
-        """The device each decoder layer computes on (see `_execution_device`)."""
+    def layer_devices(self, fallback: torch.device | None = None) -> list[torch.device]:
+        """The device each decoder layer computes on: its accelerate hook's execution device when it has one (with
+        `device_map`, even when its weights are offloaded), else its parameters' device (`fallback`, by default
+        `input_device()`, for a layer without either)."""
+        fallback = self.input_device() if fallback is None else fallback
         return [_execution_device(layer, fallback) for layer in self.model.layers]
 
     # ------------------------------------------------------------------------------------- rules 2 to 6
@@ -693,7 +696,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         states after the embedding and after every layer.
         """
         block_size = self.config.block_size
-        devices = self._layer_devices(inputs_embeds.device)
+        devices = self.layer_devices(inputs_embeds.device)
         # Through the module's forward, not `.weight`: an offloaded gate is on `meta` until its hook loads it.
         gates = None if self.fam_gate is None else self.fam_gate()
         columns = real.shape[1]

@@ -105,7 +105,7 @@ def test_every_layer_call_runs_on_its_layers_device(family, attn):
         for step in range(6):  # decoding steps across a block boundary
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
             out = model(ids[:, step : step + 1], attention_mask=mask, cache=cache, use_cache=True)
-    devices = model._layer_devices(torch.device("cpu"))
+    devices = model.layer_devices(torch.device("cpu"))
     assert [d.type for d in devices] == ["cpu"] + ["meta"] * (len(devices) - 1)
     for layer, device in zip(cache.layers, devices):
         assert {t.device for t in layer.tensors().values()} == {device}
