@@ -239,8 +239,8 @@ class FamCache(Cache):
             for name, tensor in layer.tensors().items():
                 if tensor.device != layer_device:
                     setattr(layer, name, tensor.to(layer_device))
-            if layer.keys is not None:
-                layer.store(layer.keys, layer.values)
+            if layer.keys is not None and (not layer.is_initialized or getattr(layer, "device", None) != layer.keys.device):
+                layer.store(layer.keys, layer.values)  # is_initialized, dtype and device follow the buffers
         return self
 
     def set_fam_state(self, fam_state: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:

@@ -894,8 +894,11 @@ class _RouterLoss:
         self.loss_function, self.num_experts, self.top_k, self.coefficient = loss_function, num_experts, top_k, coefficient
 
     def load_balancing_loss(self, router_logits: list[torch.Tensor]) -> torch.Tensor:
-        # The family's function averages over every routed row of every layer; all calls' rows at once give that mean.
-        return self.loss_function((torch.cat(router_logits),), self.num_experts, self.top_k, None)
+        # The family's function averages over every routed row of every layer; all calls' rows at once give that mean
+        # (on the first layer's device: with a device_map the layers' logits live on their layers' devices).
+        device = router_logits[0].device
+        rows = torch.cat([logits.to(device) for logits in router_logits])
+        return self.loss_function((rows,), self.num_experts, self.top_k, None)
 
     @staticmethod
     def counted_rows(recording: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:

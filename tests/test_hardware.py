@@ -1,9 +1,9 @@
 """Models whose layers live on several devices or are offloaded (accelerate's `device_map`), and caches that move.
 
 This machine has one device, the CPU. Two setups still test what several devices need:
-- CPU/disk offload through `from_pretrained(device_map=..., offload_folder=...)`: accelerate's hooks load weights
-  (the FAM prompt and gate included) only while their module runs; everything else sits on `meta`. Logits must
-  equal the plain model's.
+- disk offload through `from_pretrained(device_map=..., offload_folder=...)`: accelerate's hooks load weights (the
+  FAM prompt and gate included) only while their module runs and leave them on `meta` otherwise. Logits must equal
+  the plain model's. (CPU offload needs an accelerator to execute on; here the CPU is the execution device.)
 - Layers split between the CPU and `meta`: `meta` is a second device on which any tensor of the CPU makes an
   operation fail, so every tensor a layer call uses (FAM state, cache buffers and write indices, `completes`,
   masks, positions) must be on that layer's device. Only shapes and devices are checked there.
@@ -119,6 +119,13 @@ def test_a_training_step_runs_split_over_two_devices():
     ids = random_ids(2, 14, seed=8)
     out = model(ids, labels=ids)
     assert out.loss.device.type == "meta"
+
+
+def test_router_loss_gathers_router_logits_from_layers_on_several_devices():
+    """(mixtral's experts have no kernel on `meta`, so the loss itself is given router logits of two devices.)"""
+    fam = hf_fam.convert_to_fam(tiny_base("mixtral"), block_size=4, memory_segments=1, fam_length=2)
+    first, second = torch.randn(6, 4), torch.randn(5, 4)
+    assert fam._router.load_balancing_loss([first.to("meta"), second]).device.type == "meta"
 
 
 def test_load_puts_the_stream_state_on_the_models_devices(tmp_path):
