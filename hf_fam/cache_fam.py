@@ -192,9 +192,15 @@ class FamCache(Cache):
                 + ". Start a new stream with a fresh cache (cache=None, or model.new_cache())."
             )
         if self.token_count is not None and self.batch_size != batch_size:
+            expanded = ""
+            if batch_size % self.batch_size == 0:
+                expanded = (
+                    " If generate() expanded the batch (num_beams or num_return_sequences > 1) while continuing this "
+                    f"stream, expand the cache to match first: cache.batch_repeat_interleave({batch_size // self.batch_size})."
+                )
             raise ValueError(
                 f"This FamCache holds {self.batch_size} stream(s) but the input has batch size {batch_size}. "
-                "Each row of a batch is its own stream: keep the batch size fixed for the life of a cache."
+                "Each row of a batch is its own stream: keep the batch size fixed for the life of a cache." + expanded
             )
 
     # ------------------------------------------------------------------------------------------- stream state

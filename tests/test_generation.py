@@ -107,3 +107,20 @@ def test_generate_with_only_new_tokens_and_a_used_cache_says_what_to_pass():
         model(random_ids(1, 13), cache=cache)
     with pytest.raises(ValueError, match=r"consumed 13 column.*cache=cache.without_history\(\)"):
         model.generate(random_ids(1, 3), cache=cache, max_new_tokens=2)
+
+
+def test_beam_search_continues_a_stream_once_the_cache_is_expanded():
+    """generate() expands the input for beams but not a cache it is handed: the error says how, and then the beams
+    equal those of the whole history."""
+    model = fam_model("llama", 4, 1, 2)
+    document, question = random_ids(1, 11, seed=1), random_ids(1, 3, seed=2)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, num_beams=3, do_sample=False)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(document, cache=cache)
+    with pytest.raises(ValueError, match=r"cache.batch_repeat_interleave\(3\)"):
+        model.generate(question, cache=cache.without_history(), **settings)
+    cache.batch_repeat_interleave(3)
+    continued = model.generate(question, cache=cache.without_history(), **settings)
+    whole = model.generate(torch.cat([document, question], 1), **settings)
+    assert torch.equal(continued, whole[:, 11:])
