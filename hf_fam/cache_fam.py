@@ -81,13 +81,13 @@ class FamCacheLayer(CacheLayerMixin):
         values[rows, :, slots] = block_kv[1][rows, :, cols]
         return keys, values
 
-    def slide(self, rows: torch.Tensor, block_size: int, in_place: bool) -> None:
-        """Drop the oldest block of the window of the rows `rows` (b,) (bool): window slot j takes slot j + B."""
+    def slide(self, rows: torch.Tensor, index: torch.Tensor, block_size: int, in_place: bool) -> None:
+        """Drop the oldest block of the window of the rows `rows` (b,) (bool; `index` = their indices): window slot j
+        takes slot j + B. Both are on this layer's device."""
         if self.keys is None:
             return
         start, keep = self.fam_length, self.window_size - block_size
         if in_place:
-            index = rows.nonzero().flatten()
             for buffer in (self.keys, self.values):
                 buffer[index, :, start : start + keep] = buffer[index, :, start + block_size :]  # gathered: a copy
             return
@@ -137,7 +137,8 @@ class FamCache(Cache):
     """Constant-size cache of a [`FamForCausalLM`] stream (see the module docstring).
 
     Its size stops growing once (M+1)*B tokens have been consumed. `get_seq_length()` counts every column the
-    model has consumed, padding included, which is what `generate()` slices its inputs by.
+    model has consumed, padding included (since the last `without_history()`), which is what `generate()` slices
+    its inputs by.
 
     Args:
         block_size, memory_segments, fam_length (`int`): B, M and F of the model.
@@ -191,9 +192,15 @@ class FamCache(Cache):
                 + ". Start a new stream with a fresh cache (cache=None, or model.new_cache())."
             )
         if self.token_count is not None and self.batch_size != batch_size:
+            expanded = ""
+            if batch_size % self.batch_size == 0:
+                expanded = (
+                    " If generate() expanded the batch (num_beams or num_return_sequences > 1) while continuing this "
+                    f"stream, expand the cache to match first: cache.batch_repeat_interleave({batch_size // self.batch_size})."
+                )
             raise ValueError(
                 f"This FamCache holds {self.batch_size} stream(s) but the input has batch size {batch_size}. "
-                "Each row of a batch is its own stream: keep the batch size fixed for the life of a cache."
+                "Each row of a batch is its own stream: keep the batch size fixed for the life of a cache." + expanded
             )
 
     # ------------------------------------------------------------------------------------------- stream state
@@ -212,6 +219,35 @@ class FamCache(Cache):
         self.position_offset = position_offset.to(device=device, dtype=torch.long).expand(batch_size).clone()
         self.fam_kv_fresh = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.seen_columns = 0
+
+    def without_history(self) -> FamCache:
+        """Let the next call, or `generate`, take only the new tokens of the stream: `get_seq_length()` counts columns
+        from here on, so `generate` slices nothing off its `input_ids` (by transformers' convention they would hold
+        the whole history). The stream itself goes on: positions, blocks, the window and the FAM state continue.
+        Returns the cache, e.g. `model.generate(new_ids, cache=cache.without_history())`."""
+        self.seen_columns = 0
+        return self
+
+    def place(self, device: torch.device | str, layer_devices: list[torch.device] | None = None) -> FamCache:
+        """Move the per-row counters to `device` (where the model's input is) and each layer's keys, values and FAM
+        state to `layer_devices[l]` (the device decoder layer l computes on; `device` for every layer when None).
+        Tensors already in place are not copied. Returns the cache."""
+        device = torch.device(device)
+        layer_devices = [device] * len(self.layers) if layer_devices is None else layer_devices
+        if len(layer_devices) != len(self.layers):
+            raise ValueError(f"layer_devices needs one device per layer ({len(self.layers)}), got {len(layer_devices)}")
+        for name in ("token_count", "position_offset", "fam_kv_fresh"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.device != device:
+                setattr(self, name, tensor.to(device))
+        for layer, layer_device in zip(self.layers, layer_devices):
+            layer_device = torch.device(layer_device)
+            for name, tensor in layer.tensors().items():
+                if tensor.device != layer_device:
+                    setattr(layer, name, tensor.to(layer_device))
+            if layer.keys is not None and (not layer.is_initialized or getattr(layer, "device", None) != layer.keys.device):
+                layer.store(layer.keys, layer.values)  # is_initialized, dtype and device follow the buffers
+        return self
 
     def set_fam_state(self, fam_state: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
         """Set S[l] for every layer (e.g. the initial state, or a state kept from an earlier stream)."""
@@ -254,8 +290,13 @@ class FamCache(Cache):
         Rows that completed block k >= M slide their windows (in place unless gradients are being recorded)."""
         slide = completed & (self.token_count // self.block_size >= self.memory_segments)
         if bool(slide.any()):  # once per segment, not per layer: a decoding step slides nothing
+            per_device = {}  # the rows, moved once to each device that holds layers
             for layer in self.layers:
-                layer.slide(slide, self.block_size, in_place=not torch.is_grad_enabled())
+                if layer.keys is None:
+                    continue
+                if layer.keys.device not in per_device:
+                    per_device[layer.keys.device] = (slide.to(layer.keys.device), slide.nonzero().flatten().to(layer.keys.device))
+                layer.slide(*per_device[layer.keys.device], self.block_size, in_place=not torch.is_grad_enabled())
         self.token_count = self.token_count + real_tokens
         self.seen_columns += columns
         fresh = torch.ones_like(self.fam_kv_fresh) if fam_recomputed else self.fam_kv_fresh
@@ -335,10 +376,24 @@ class FamCache(Cache):
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FamCache:
-        """Read a stream state written by `save`."""
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None, *, model=None) -> FamCache:
+        """Read a stream state written by `save`.
+
+        Args:
+            device (*optional*): load everything onto this device.
+            model (`FamForCausalLM`, *optional*): the model that continues the stream: load onto its devices instead
+                (each layer's share onto the device that layer computes on, with accelerate's `device_map` too).
+            Without either, the CPU; a model moves a cache to its devices at its next call anyway (one copy).
+        """
         from safetensors import SafetensorError, safe_open
 
+        if model is not None and device is not None:
+            raise ValueError("Pass `model` (load onto the model's devices) or `device`, not both.")
+        layer_devices = None
+        if model is not None:
+            device = model.input_device() if hasattr(model, "input_device") else model.device
+            layer_devices = model.layer_devices(device) if hasattr(model, "layer_devices") else None
+        device = torch.device("cpu" if device is None else device)
         try:
             handle = safe_open(os.fspath(path), framework="pt", device=str(device))
         except SafetensorError as error:
@@ -364,10 +419,7 @@ class FamCache(Cache):
                     _, idx, name = key.split(".", 2)
                     layer = cache.layers[int(idx)]
                     setattr(layer, name, f.get_tensor(key))
-            for layer in cache.layers:
-                if layer.keys is not None:
-                    layer.store(layer.keys, layer.values)
-        return cache
+        return cache.place(device, layer_devices)
 
 
 __all__ = ["FamCache", "FamCacheLayer"]

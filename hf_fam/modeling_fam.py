@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -129,6 +129,11 @@ class FamGate(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_layers))
 
+    def forward(self) -> torch.Tensor:
+        """The gates of every layer, (num_hidden_layers,). Read through `forward` (not `.weight`) so that an offloaded
+        gate is loaded by accelerate's hook."""
+        return self.weight
+
     def extra_repr(self) -> str:
         return f"num_layers={self.weight.shape[0]}"
 
@@ -137,10 +142,11 @@ class FamGate(nn.Module):
 class _Segment:
     """Columns [start, end) of the input in which no row crosses a block boundary.
 
-    Per-row tensors (b = batch): `token_index` (b, n) is each column's index in its row's stream, -1 for padding;
-    `block` (b,) the 0-based index of the row's current block; `completes` (b,) whether that block ends with this
-    segment; `real_tokens` (b,) the row's tokens in the segment; `writes` where their keys go in the cache. Attention
-    reads the F FAM slots and the first `span` window slots of the cache.
+    Per-row tensors (b = batch), on the control device (where the input and the cache's counters live):
+    `token_index` (b, n) is each column's index in its row's stream, -1 for padding; `block` (b,) the 0-based index of
+    the row's current block; `completes` (b,) whether that block ends with this segment; `real_tokens` (b,) the row's
+    tokens in the segment; `writes` where their keys go in the cache. Attention reads the F FAM slots and the first
+    `span` window slots of the cache. `on(device)` gives what a layer call uses, on that layer's device.
     """
 
     start: int
@@ -156,6 +162,125 @@ class _Segment:
     masks: dict = None
     position_embeddings: dict = None
     routed_rows: torch.Tensor = None
+    per_device: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> _SegmentOnDevice:
+        """What a layer call on `device` uses (masks, positions, rotary embeddings, cache writes, `completes`), moved
+        there once per device and segment, however many layers live on that device."""
+        if device not in self.per_device:
+            self.per_device[device] = _SegmentOnDevice(
+                masks=_to_device(self.masks, device),
+                position_embeddings=_to_device(self.position_embeddings, device),
+                position_ids=self.position_ids.to(device),
+                writes=_to_device(self.writes, device),
+                completes=self.completes.to(device),
+                routed_rows=_to_device(self.routed_rows, device),
+                span=self.span,
+                fam_rows=self.fam_rows,
+            )
+        return self.per_device[device]
+
+
+@dataclass
+class _SegmentOnDevice:
+    """The tensors of a `_Segment` that a layer call reads, on that layer's device."""
+
+    masks: dict
+    position_embeddings: dict
+    position_ids: torch.Tensor
+    writes: tuple
+    completes: torch.Tensor
+    routed_rows: torch.Tensor | None
+    span: int
+    fam_rows: bool
+
+
+def _to_device(value, device):
+    """`value` (a tensor, or a tuple/list/dict of them) on `device`; tensors already there are returned as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
+
+
+def _segment_bounds(real: torch.Tensor, token_count: torch.Tensor, block_size: int) -> list[int]:
+    """Column bounds of the segments of an input (real (b, n): real tokens; token_count (b,): tokens each row's stream
+    consumed before): a segment ends after every column where some row completes a block, so no row crosses a block
+    boundary inside one."""
+    token_index = token_count[:, None] + real.cumsum(1) - 1
+    ends_block = real & ((token_index + 1) % block_size == 0)
+    cuts = (ends_block.any(0).nonzero().flatten() + 1).tolist()
+    return sorted({0, real.shape[1], *cuts})
+
+
+class _BlockAlignedLayout:
+    """The rows of an input moved so that their block boundaries fall on the same columns.
+
+    Where the rows of a batch are at different phases of their blocks (uneven left padding, or streams at different
+    token counts), cutting a segment wherever *some* row completes a block multiplies the segments, and every row
+    carries FAM rows in each of them. Placing each row's k-th real token at column (token_count % B) + k puts every
+    row's block ends on the columns c with (c + 1) % B == 0 and moves the padding to the ends. Each row is its own
+    stream (its positions, blocks and keys follow its own token count), so no row's result changes, only the
+    number of segments and columns the batch needs. Padding columns of the outputs hold zeros.
+    """
+
+    def __init__(self, real, bounds, rows, columns, aligned_columns):
+        self.real, self.bounds = real, bounds
+        self.rows, self.columns, self.aligned_columns = rows, columns, aligned_columns
+
+    @classmethod
+    def plan(cls, real: torch.Tensor, token_count: torch.Tensor, block_size: int, fam_length: int, segments: int):
+        """The aligned layout of `real` (b, n), or None when it would not be cheaper than the input as it is
+        (`segments` segments). Cost: the rows each layer runs, columns + F per segment (FAM rows), then the number of
+        segments. A fresh left-padded batch always gains (no wider, fewer segments); rows of continued streams at
+        different phases may need up to B - 1 more columns, which can cost more than the FAM rows they save.
+        Decoding steps and batches whose rows are in step keep their layout."""
+        batch, width = real.shape
+        if width == 1 or segments == 1 or block_size == 1:
+            return None
+        counts = real.sum(1)
+        phase = token_count % block_size
+        aligned_width = int((phase + counts).max())
+        if aligned_width == 0:  # padding only
+            return None
+        rows, columns = real.nonzero(as_tuple=True)
+        aligned_columns = phase[rows] + real.cumsum(1)[rows, columns] - 1
+        aligned = torch.zeros(batch, aligned_width, dtype=torch.bool, device=real.device)
+        aligned[rows, aligned_columns] = True
+        bounds = _segment_bounds(aligned, token_count, block_size)
+        aligned_cost = (aligned_width + fam_length * (len(bounds) - 1), len(bounds) - 1)
+        if aligned_cost >= (width + fam_length * segments, segments):
+            return None
+        return cls(aligned, bounds, rows, columns, aligned_columns)
+
+    def gather(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(b, n, ...) in the input's layout -> (b, n', ...) in the aligned one."""
+        aligned = inputs.new_zeros(inputs.shape[0], self.real.shape[1], *inputs.shape[2:])
+        aligned[self.rows, self.aligned_columns] = inputs[self.rows, self.columns]
+        return aligned
+
+    def scatter(self, aligned: torch.Tensor, width: int) -> torch.Tensor:
+        """(b, n', ...) in the aligned layout -> (b, `width`, ...) in the input's, zeros on padding."""
+        rows, columns, aligned_columns = (t.to(aligned.device) for t in (self.rows, self.columns, self.aligned_columns))
+        result = aligned.new_zeros(aligned.shape[0], width, *aligned.shape[2:])
+        result[rows, columns] = aligned[rows, aligned_columns]
+        return result
+
+
+def _execution_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    """The device `module` computes on: the execution device of its accelerate hook when it has one (its weights may
+    sit on `meta`, offloaded to CPU or disk), else the device of its parameters, else `fallback`."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        device = getattr(one, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    for parameter in module.parameters():
+        return parameter.device
+    return fallback
 
 
 class _BlockKeyValues:
@@ -168,7 +293,7 @@ class _BlockKeyValues:
     exactly the keys of the first pass.
     """
 
-    def __init__(self, layer_cache, source, segment: _Segment, fam_length: int, in_place: bool):
+    def __init__(self, layer_cache, source, segment: _SegmentOnDevice, fam_length: int, in_place: bool):
         self.layer_cache = layer_cache
         self.source = source
         self.segment = segment
@@ -350,7 +475,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             use_cache (`bool`): return the `FamCache` to continue the stream.
             logits_to_keep (`int` or `torch.Tensor`): as in the base model's causal-LM head.
             output_hidden_states (`bool`): return the hidden states of the block rows after the embedding and after
-                every layer (the last one normed).
+                every layer (the last one normed). Padding columns hold no meaningful values (zeros when the batch
+                ran block-aligned).
             output_attentions (`bool`): not supported (attention is computed block by block with FAM rows); True is
                 refused.
             output_router_logits (`bool`): mixture-of-experts families: return the router logits of every routed row
@@ -432,8 +558,19 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             inputs_embeds = self.model.embed_tokens(input_ids)
         batch, columns = inputs_embeds.shape[:2]
         if columns == 0:
+            consumed = cache.get_seq_length() if isinstance(cache, FamCache) and cache.is_started else 0
+            if consumed:
+                raise ValueError(
+                    f"The input has no tokens (sequence length 0). The cache has consumed {consumed} column(s), and "
+                    "generate() slices that many columns off input_ids, taking them for the whole history. To "
+                    "continue the stream with only the new tokens, pass cache=cache.without_history() (or an "
+                    "attention_mask covering the past and new columns); or pass the whole history as input_ids."
+                )
             raise ValueError("The input has no tokens (sequence length 0).")
         cache = self._stream_cache(cache, batch, inputs_embeds, fam_position_offset, fam_state)
+        # Every layer's share of the cache on that layer's device, the counters on the input's (a no-op but for a
+        # cache restored elsewhere or a model whose layers moved).
+        cache.place(inputs_embeds.device, self.layer_devices(inputs_embeds.device))
         real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
         hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
         hidden_states = self.model.norm(hidden_states)
@@ -513,23 +650,43 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         """S0[l] for every layer l: the inputs of each layer when the FAM prompt alone runs through the decoder,
         with bidirectional attention among its F rows and positions -F .. -1 (+ offset). Each is (b, F, hidden)."""
         fam_length = self.config.fam_length
-        prompt = self.fam_prompt.weight
         if position_offset is None or bool((position_offset == position_offset[0]).all()):
             rows = 1  # S0 is the same for every row: compute it once
             offset = 0 if position_offset is None else position_offset[:1]
         else:
             rows, offset = batch_size, position_offset
-        positions = torch.arange(-fam_length, 0, device=prompt.device)[None, :] + torch.as_tensor(offset).reshape(-1, 1)
-        positions = positions.to(prompt.device).expand(rows, -1)
+        # Through the module's forward, not `.weight`: an offloaded prompt is on `meta` until its hook loads it.
         hidden = self.fam_prompt(rows)
-        everything = torch.ones(rows, fam_length, dtype=torch.bool, device=prompt.device)
-        mask = self._build_mask(lambda b, h, q, k: everything[b, q] & everything[b, k], rows, fam_length, fam_length, hidden.dtype)
-        position_embeddings = self._position_embeddings(hidden, positions)
+        device = hidden.device
+        positions = torch.arange(-fam_length, 0, device=device)[None, :] + torch.as_tensor(offset).to(device).reshape(-1, 1)
+        positions = positions.expand(rows, -1)
+        everything = torch.ones(rows, fam_length, dtype=torch.bool, device=device)
+        mask = self._build_mask(
+            lambda b, h, q, k: everything[b, q] & everything[b, k], rows, fam_length, fam_length, hidden.dtype, device
+        )
+        inputs = (mask, self._position_embeddings(hidden, positions), positions)
+        per_device = {}  # what the layer calls read, moved once per device
         states = []
-        for layer, layer_type in zip(self.model.layers, self.layer_types):
+        for layer, layer_type, layer_device in zip(self.model.layers, self.layer_types, self.layer_devices(device)):
+            if layer_device not in per_device:
+                per_device[layer_device] = _to_device(inputs, layer_device)
+            layer_mask, position_embeddings, layer_positions = per_device[layer_device]
+            hidden = hidden.to(layer_device)
             states.append(hidden)
-            hidden = self._call_layer(layer, hidden, mask, position_embeddings[layer_type], positions, None)
+            hidden = self._call_layer(layer, hidden, layer_mask, position_embeddings[layer_type], layer_positions, None)
         return tuple(state.expand(batch_size, -1, -1) for state in states)
+
+    def input_device(self) -> torch.device:
+        """The device the stream's input and per-row counters live on: where the embedding computes (with accelerate's
+        `device_map`, its execution device, even when its weights are offloaded)."""
+        return _execution_device(self.model.embed_tokens, self.device)
+
+    def layer_devices(self, fallback: torch.device | None = None) -> list[torch.device]:
+        """The device each decoder layer computes on: its accelerate hook's execution device when it has one (with
+        `device_map`, even when its weights are offloaded), else its parameters' device (`fallback`, by default
+        `input_device()`, for a layer without either)."""
+        fallback = self.input_device() if fallback is None else fallback
+        return [_execution_device(layer, fallback) for layer in self.model.layers]
 
     # ------------------------------------------------------------------------------------- rules 2 to 6
     def _run_blocks(self, inputs_embeds, real, cache: FamCache, output_hidden_states: bool):
@@ -539,28 +696,37 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         states after the embedding and after every layer.
         """
         block_size = self.config.block_size
+        devices = self.layer_devices(inputs_embeds.device)
+        # Through the module's forward, not `.weight`: an offloaded gate is on `meta` until its hook loads it.
+        gates = None if self.fam_gate is None else self.fam_gate()
+        columns = real.shape[1]
+        bounds = _segment_bounds(real, cache.token_count, block_size)
+        layout = _BlockAlignedLayout.plan(real, cache.token_count, block_size, self.config.fam_length, len(bounds) - 1)
+        if layout is not None:
+            inputs_embeds, real, bounds = layout.gather(inputs_embeds), layout.real, layout.bounds
         token_index = torch.where(real, cache.token_count[:, None] + real.cumsum(1) - 1, _PAD)
-        # A segment ends after every column where some row completes a block, so no row crosses a boundary inside one.
-        ends_block = real & ((token_index + 1) % block_size == 0)
-        cuts = (ends_block.any(0).nonzero().flatten() + 1).tolist()
-        bounds = sorted({0, real.shape[1], *cuts})
 
         outputs, hidden_per_layer = [], []
         for start, end in zip(bounds[:-1], bounds[1:]):
             segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], start, end, inputs_embeds)
             hidden = inputs_embeds[:, start:end]
             seen = [hidden]
-            for layer_idx, layer in enumerate(self.model.layers):
-                hidden = self._block_layer(layer, layer_idx, hidden, segment, cache)
+            for layer_idx, (layer, device) in enumerate(zip(self.model.layers, devices)):
+                hidden = self._block_layer(layer, layer_idx, hidden.to(device), segment.on(device), cache, gates)
                 if output_hidden_states:
                     seen.append(hidden)
-            cache.advance(segment.real_tokens, end - start, segment.fam_rows, segment.completes)
+            # the input's columns (what generate() slices by) are consumed once the last segment has run
+            cache.advance(segment.real_tokens, columns if end == bounds[-1] else 0, segment.fam_rows, segment.completes)
             outputs.append(hidden)
             hidden_per_layer.append(seen)
         all_hidden = None
         if output_hidden_states:
             all_hidden = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*hidden_per_layer))
-        return torch.cat(outputs, dim=1), all_hidden
+        hidden = torch.cat(outputs, dim=1)
+        if layout is not None:
+            hidden = layout.scatter(hidden, columns)
+            all_hidden = None if all_hidden is None else tuple(layout.scatter(h, columns) for h in all_hidden)
+        return hidden, all_hidden
 
     def _plan_segment(self, cache: FamCache, token_index, real, start, end, inputs_embeds) -> _Segment:
         B, M, F = self.config.block_size, self.config.memory_segments, self.config.fam_length
@@ -591,7 +757,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         for window in set(self._layer_windows()):
             mask_function = _fam_mask_function(query_index, key_index, block, B, M, window)
             segment.masks[window] = self._build_mask(
-                mask_function, batch, query_index.shape[1], key_index.shape[1], inputs_embeds.dtype
+                mask_function, batch, query_index.shape[1], key_index.shape[1], inputs_embeds.dtype, device
             )
         segment.position_embeddings = self._position_embeddings(inputs_embeds, segment.position_ids)
         # rows whose router logits count for a mixture-of-experts load-balancing loss: FAM rows of rows that have
@@ -600,8 +766,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         segment.routed_rows = torch.cat([has_tokens, token_index >= 0], 1) if fam_rows else token_index >= 0
         return segment
 
-    def _block_layer(self, layer, layer_idx: int, hidden, segment: _Segment, cache: FamCache):
-        """Rules 2, 3, 5 and 6 for one decoder layer on one block segment."""
+    def _block_layer(self, layer, layer_idx: int, hidden, segment: _SegmentOnDevice, cache: FamCache, gates=None):
+        """Rules 2, 3, 5 and 6 for one decoder layer on one block segment. `hidden`, `segment` and the layer's share
+        of `cache` are on the layer's device; `gates` are the gated update's gates (`FamGate.forward`), or None."""
         F = self.config.fam_length
         state = cache.layers[layer_idx]
         rows = torch.cat([state.fam_state, hidden], dim=1) if segment.fam_rows else hidden
@@ -621,8 +788,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             return output
         # Rule 5: the FAM rows' output is S[l] of the next block, only once the block is complete.
         new_state = output[:, :F]
-        if self.fam_gate is not None:  # the gated update: S + g (output - S)
-            new_state = state.fam_state + self.fam_gate.weight[layer_idx].to(new_state.dtype) * (new_state - state.fam_state)
+        if gates is not None:  # the gated update: S + g (output - S)
+            gate = gates[layer_idx].to(device=new_state.device, dtype=new_state.dtype)
+            new_state = state.fam_state + gate * (new_state - state.fam_state)
         state.fam_state = torch.where(segment.completes[:, None, None], new_state, state.fam_state)
         return output[:, F:]
 
@@ -662,7 +830,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         window = getattr(self.config.text_config, "sliding_window", None)
         return [window if kind == "sliding_attention" else None for kind in self.layer_types]
 
-    def _build_mask(self, mask_function, batch, query_length, key_length, dtype):
+    def _build_mask(self, mask_function, batch, query_length, key_length, dtype, device):
         mask_interface = ALL_MASK_ATTENTION_FUNCTIONS[self.model.config._attn_implementation]
         mask = mask_interface(
             batch_size=batch,
@@ -672,7 +840,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             allow_is_causal_skip=False,
             allow_is_bidirectional_skip=False,
             dtype=dtype,
-            device=self.fam_prompt.weight.device,
+            device=device,
         )
         if mask.dtype == torch.bool:
             # sdpa would turn a boolean mask into an additive one in every layer; do it once for all layers.
@@ -682,7 +850,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
     def _position_embeddings(self, hidden, position_ids) -> dict:
         """(cos, sin) for `position_ids` (b, q), per layer type, from the base model's rotary module."""
         rotary = self.model.rotary_emb
-        rotary_forward = self._rotary_forward()
+        rotary_forward = self._rotary_forward(hidden.device)
         takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
         embeddings = {}
         for layer_type in set(self.layer_types):
@@ -690,7 +858,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             embeddings[layer_type] = rotary_forward(hidden, position_ids, *extra)
         return embeddings
 
-    def _rotary_forward(self):
+    def _rotary_forward(self, device: torch.device):
         """The rotary module's forward; for length-dependent rotary types, with frequencies fixed once (rule 7)."""
         rotary = self.model.rotary_emb
         rope_types = rotary.rope_type.values() if isinstance(rotary.rope_type, dict) else [rotary.rope_type]
@@ -700,7 +868,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             # Drive the library's own update rule to the state it has for a max_position_embeddings-token sequence.
             takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
             layer_types = set(self.layer_types) if takes_layer_type else [None]
-            probe = self.fam_prompt.weight.new_zeros(1, 1, 1)
+            probe = torch.zeros(1, 1, 1, device=device)
             last = self.config.text_config.max_position_embeddings - 1
             for layer_type in layer_types:
                 extra = (layer_type,) if layer_type is not None else ()
@@ -726,8 +894,11 @@ class _RouterLoss:
         self.loss_function, self.num_experts, self.top_k, self.coefficient = loss_function, num_experts, top_k, coefficient
 
     def load_balancing_loss(self, router_logits: list[torch.Tensor]) -> torch.Tensor:
-        # The family's function averages over every routed row of every layer; all calls' rows at once give that mean.
-        return self.loss_function((torch.cat(router_logits),), self.num_experts, self.top_k, None)
+        # The family's function averages over every routed row of every layer; all calls' rows at once give that mean
+        # (on the first layer's device: with a device_map the layers' logits live on their layers' devices).
+        device = router_logits[0].device
+        rows = torch.cat([logits.to(device) for logits in router_logits])
+        return self.loss_function((rows,), self.num_experts, self.top_k, None)
 
     @staticmethod
     def counted_rows(recording: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:

@@ -19,6 +19,11 @@ def _stream_cache(model, cache: FamCache | None) -> FamCache:
     return cache
 
 
+def _input_device(model) -> torch.device:
+    """Where the model's input goes: its embedding's (execution) device, even when weights are offloaded to `meta`."""
+    return model.input_device() if hasattr(model, "input_device") else model.device
+
+
 def _chunks(token_chunks, device, show_progress: bool, desc: str) -> Iterator[torch.Tensor]:
     """Each chunk as a (batch, n) LongTensor on `device`; empty chunks are skipped."""
     with tqdm(desc=desc, unit="tok", disable=not show_progress) as bar:
@@ -73,7 +78,7 @@ def stream_log_likelihood(
     """
     cache = _stream_cache(model, cache)
     last = None  # logits of the previous chunk's last token: they predict this chunk's first token
-    for ids in _chunks(token_chunks, model.device, show_progress, "scoring"):
+    for ids in _chunks(token_chunks, _input_device(model), show_progress, "scoring"):
         hidden = _final_hidden_states(model, ids, cache)
         scored = [] if last is None else [_token_log_likelihoods(last, ids[:, :1])]
         # the head a slice at a time: a chunk's (n, vocab) logits are never held at once
@@ -95,5 +100,5 @@ def stream_hidden_states(
 ) -> Iterator[torch.Tensor]:
     """The final (normed) hidden states of each chunk of a stream, (batch, n, hidden_size), in constant memory."""
     cache = _stream_cache(model, cache)
-    for ids in _chunks(token_chunks, model.device, show_progress, "encoding"):
+    for ids in _chunks(token_chunks, _input_device(model), show_progress, "encoding"):
         yield _final_hidden_states(model, ids, cache)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, assert_logits_close, random_ids, tiny_base
+from conftest import ATTENTION, assert_logits_close, random_ids, tiny_base
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fam_core import randomize_fam
@@ -52,11 +52,12 @@ def stream_cases(draw):
     return block_size, memory_segments, fam_length, length, chunks
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=stream_cases(), seed=st.integers(0, 1000))
-def test_chunked_prefill_equals_one_call_property(case, seed):
+def test_chunked_prefill_equals_one_call_property(attn, case, seed):
     block_size, memory_segments, fam_length, length, chunks = case
-    model = fam_model("llama", block_size, memory_segments, fam_length)
+    model = fam_model("llama", block_size, memory_segments, fam_length, attn)
     ids = random_ids(2, length, seed=seed)
     with torch.no_grad():
         one_call = model(ids).logits
@@ -64,21 +65,22 @@ def test_chunked_prefill_equals_one_call_property(case, seed):
     assert_logits_close(chunked, one_call, what=f"chunked {chunks} vs one call")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, attn", ATTENTION)
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=stream_cases())
-def test_chunked_prefill_equals_one_call_every_family(family, case):
+def test_chunked_prefill_equals_one_call_every_family(family, attn, case):
     block_size, memory_segments, fam_length, length, chunks = case
-    model = fam_model(family, block_size, memory_segments, fam_length)
+    model = fam_model(family, block_size, memory_segments, fam_length, attn)
     ids = random_ids(1, length)
     with torch.no_grad():
         assert_logits_close(run_chunked(model, ids, chunks), model(ids).logits)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("chunks", [[1] * 40, [7] * 6, [5, 1, 1, 9, 24], [3, 17, 20]])
-def test_chunked_with_left_padding_equals_one_call(chunks):
+def test_chunked_with_left_padding_equals_one_call(chunks, attn):
     """Rows whose blocks complete at different columns each update their FAM at the right moment."""
-    model = fam_model("qwen2", 5, 1, 2)
+    model = fam_model("qwen2", 5, 1, 2, attn)
     ids = random_ids(3, 40)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -119,8 +121,9 @@ def test_cache_stops_growing():
     assert cache.get_seq_length() == 200 * B
 
 
-def test_fam_state_save_and_restore_continues_the_stream_identically(tmp_path):
-    model = fam_model("gemma2", 6, 1, 3)
+@pytest.mark.parametrize("family, attn", [("gemma2", "eager"), ("qwen3", "sdpa")])
+def test_fam_state_save_and_restore_continues_the_stream_identically(tmp_path, family, attn):
+    model = fam_model(family, 6, 1, 3, attn)
     ids = random_ids(2, 50, seed=5)
     with torch.no_grad():
         first = model(ids[:, :23], use_cache=True)
@@ -164,14 +167,15 @@ def test_cache_and_past_key_values_are_the_same_argument():
 
 
 @pytest.mark.parametrize(
-    "family, cuts",
+    "family, attn, cuts",
     [
-        ("mistral", [5, 6, 30]),
-        ("gemma2", [1, 601]),  # final-logit soft-capping; a chunk longer than the helper's logits slice (256)
+        ("mistral", "eager", [5, 6, 30]),
+        ("mistral", "sdpa", [5, 6, 30]),
+        ("gemma2", "eager", [1, 601]),  # final-logit soft-capping; a chunk longer than the helper's logits slice (256)
     ],
 )
-def test_stream_log_likelihood_equals_one_call(family, cuts):
-    model = fam_model(family, 8, 1, 2)
+def test_stream_log_likelihood_equals_one_call(family, attn, cuts):
+    model = fam_model(family, 8, 1, 2, attn)
     length = cuts[-1] + 31
     ids = random_ids(2, length, seed=7)
     bounds = [0, *cuts, length]
@@ -184,8 +188,9 @@ def test_stream_log_likelihood_equals_one_call(family, cuts):
     torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_stream_hidden_states_equal_one_call():
-    model = fam_model("olmo2", 8, 1, 2)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_stream_hidden_states_equal_one_call(attn):
+    model = fam_model("olmo2", 8, 1, 2, attn)
     ids = random_ids(1, 30, seed=9)
     states = torch.cat(list(hf_fam.stream_hidden_states(model, [ids[:, :13], ids[:, 13:]])), dim=1)
     with torch.no_grad():
@@ -219,9 +224,10 @@ def test_base_model_refuses_a_fam_cache():
             base(random_ids(1, 3), **{_cache_argument(base): cache})  # `cache` from 5.24 on, `past_key_values` before
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("fam_length", [0, 2])
-def test_a_call_of_padding_only_leaves_the_stream_untouched(fam_length):
-    model = fam_model("llama", 4, 1, fam_length)
+def test_a_call_of_padding_only_leaves_the_stream_untouched(fam_length, attn):
+    model = fam_model("llama", 4, 1, fam_length, attn)
     ids = random_ids(2, 15)
     with torch.no_grad():
         expected = model(ids).logits
@@ -240,3 +246,62 @@ def test_streaming_helpers_do_not_change_the_callers_grad_mode():
         first = next(stream)
         assert torch.is_grad_enabled() and not first.requires_grad
         next(stream)
+
+
+def layer_calls(model, run):
+    """How many times the first decoder layer is called while `run()` runs: the number of block segments."""
+    calls = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with torch.no_grad():
+            result = run()
+    finally:
+        handle.remove()
+    return len(calls), result
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_left_padded_batch_runs_in_the_segments_of_an_unpadded_one(attn):
+    """Uneven left padding puts the rows' block ends on different columns; the batch still runs in as many segments
+    as the same rows unpadded (not one per column where some row completes a block), each row equal to the row alone,
+    and so does a continuation in which the rows are at different points of their blocks."""
+    model = fam_model("llama", 8, 1, 2, attn)
+    ids = random_ids(4, 64, seed=21)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 2, 4, 6)):
+        mask[row, :pad] = 0
+    unpadded, _ = layer_calls(model, lambda: model(ids))
+    padded, out = layer_calls(model, lambda: model(ids, attention_mask=mask, use_cache=True))
+    assert unpadded == padded == 8 + 1  # eight blocks, and the FAM prompt's own pass at the start (S0)
+    more = random_ids(4, 16, seed=22)
+    full_mask = torch.cat([mask, torch.ones_like(more)], 1)
+    continued, next_out = layer_calls(model, lambda: model(more, attention_mask=full_mask, cache=out.past_key_values))
+    # rows at tokens 64, 62, 60, 58: as they are, a segment ends every 2 columns (8 segments); aligned, 3 segments
+    assert continued == 3
+    assert out.past_key_values.get_seq_length() == 80
+    with torch.no_grad():
+        for row in range(4):
+            keep = mask[row].bool()
+            alone = model(torch.cat([ids[row][keep], more[row]])[None]).logits[0]
+            assert_logits_close(out.logits[row][keep], alone[: int(keep.sum())], what=f"row {row}")
+            assert_logits_close(next_out.logits[row], alone[int(keep.sum()) :], what=f"row {row}, continued")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=stream_cases(), pads=st.lists(st.integers(0, 12), min_size=3, max_size=3), seed=st.integers(0, 1000))
+def test_left_padded_batch_fed_in_chunks_equals_each_row_alone_property(case, pads, seed):
+    """Rows of uneven left padding, fed in chunks: whichever layout each call runs in, every row equals the row
+    alone in one call."""
+    block_size, memory_segments, fam_length, length, chunks = case
+    model = fam_model("llama", block_size, memory_segments, fam_length)
+    width = length + max(pads)
+    ids = random_ids(3, width, seed=seed)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    with torch.no_grad():
+        chunked = run_chunked(model, ids, chunks, attention_mask=mask)
+        for row in range(3):
+            keep = mask[row].bool()
+            alone = model(ids[row][keep][None]).logits[0]
+            assert_logits_close(chunked[row][keep], alone, what=f"row {row}, pads {pads}, chunks {chunks}")

@@ -35,8 +35,11 @@ def test_fam_prompt_gets_gradient_from_a_loss_on_the_last_block(family):
     assert embed_grad[ids[0, :5]].abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "mixtral"])
-def test_gradient_checkpointing_keeps_memory_segments_and_gradients(family):
+@pytest.mark.parametrize(
+    "family, attn",
+    [("llama", "eager"), ("llama", "sdpa"), ("gemma2", "eager"), ("qwen3", "eager"), ("qwen3", "sdpa"), ("mixtral", "sdpa")],
+)
+def test_gradient_checkpointing_keeps_memory_segments_and_gradients(family, attn):
     """Under checkpointing the BSWA limit still equals the base model (memory segments are not dropped) and every
     gradient equals the one computed without checkpointing, also on a sequence longer than the (M+1)B window (the
     recompute of an early block must see its own memory, not the later blocks that replaced it in the cache)."""
@@ -44,7 +47,7 @@ def test_gradient_checkpointing_keeps_memory_segments_and_gradients(family):
     labels = ids.clone()
 
     def run(checkpointing, fam_length, memory_segments, seed=0):
-        base = tiny_base(family, seed=seed)
+        base = tiny_base(family, attn, seed=seed)
         fam = hf_fam.convert_to_fam(base, block_size=6, memory_segments=memory_segments, fam_length=fam_length)
         fam = randomize_fam(fam) if fam_length else fam
         fam.train()
@@ -129,17 +132,18 @@ CHECKPOINTING_MODES = {
 }
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("fam_update", ["gated", "replace"])
 @pytest.mark.parametrize("mode", list(CHECKPOINTING_MODES))
 @pytest.mark.parametrize("memory_segments", [1, 3])
-def test_every_checkpointing_mode_gives_the_gradients_of_none(mode, memory_segments, fam_update):
+def test_every_checkpointing_mode_gives_the_gradients_of_none(mode, memory_segments, fam_update, attn):
     """Reentrant checkpointing carries gradients only through the positional inputs of the checkpointed function;
     the memory keys/values read by a layer call must be among them, or their gradients are lost."""
     ids = random_ids(2, 24)
 
     def gradients(kwargs):
         fam = hf_fam.convert_to_fam(
-            tiny_base("llama", seed=3), block_size=6, memory_segments=memory_segments, fam_length=2, fam_update=fam_update
+            tiny_base("llama", attn, seed=3), block_size=6, memory_segments=memory_segments, fam_length=2, fam_update=fam_update
         )
         fam = randomize_fam(fam).train()
         if kwargs is not None:
@@ -318,3 +322,35 @@ def test_mixtral_router_loss_under_checkpointing_gives_the_gradients_of_none(kwa
     torch.testing.assert_close(aux_ckpt, aux_plain, rtol=1e-6, atol=0)
     for name in plain:
         assert_logits_close(ckpt[name], plain[name], rtol=1e-5, what=f"gradient of {name}")
+
+
+def test_gradients_of_a_left_padded_batch_are_those_of_its_rows_alone():
+    """A batch with uneven left padding runs block-aligned (rows moved so their blocks end on the same columns); the
+    gradients flow back through that move: they equal the sum of each row's own gradients."""
+    fam = randomize_fam(hf_fam.convert_to_fam(tiny_base("llama", seed=4), block_size=4, memory_segments=1, fam_length=2))
+    fam.train()
+    ids = random_ids(3, 19, seed=9)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    weights = torch.randn(3, 19, 256, generator=torch.Generator().manual_seed(1))
+
+    def gradients(run):
+        fam.zero_grad()
+        run().backward()
+        return {name: p.grad.clone() for name, p in fam.named_parameters() if p.grad is not None}
+
+    def batched():
+        return (fam(ids, attention_mask=mask).logits * weights)[mask.bool()].sum()
+
+    def rows_alone():
+        total = 0
+        for row in range(3):
+            keep = mask[row].bool()
+            total = total + (fam(ids[row][keep][None]).logits[0] * weights[row][keep]).sum()
+        return total
+
+    expected, actual = gradients(rows_alone), gradients(batched)
+    assert expected.keys() == actual.keys() and "fam_prompt.weight" in actual
+    for name in expected:
+        assert_logits_close(actual[name], expected[name], rtol=1e-4, what=f"gradient of {name}")
