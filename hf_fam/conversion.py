@@ -10,7 +10,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_fam import FamConfig, validate_fam_settings
-from .modeling_fam import FamForCausalLM, UnsupportedArchitectureError, check_supported_config
+from .modeling_fam import (
+    REASON_SELF_CHECK,
+    SUPPORTED_ATTENTION,
+    FamForCausalLM,
+    UnsupportedArchitectureError,
+    check_supported_config,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -27,6 +33,7 @@ def convert_to_fam(
     fam_prompt_seed: int = 0,
     fam_update: str = "gated",
     fam_gate_init: float = 0.1,
+    verify: bool = True,
     **from_pretrained_kwargs,
 ) -> FamForCausalLM:
     """Turn a pretrained causal LM into a TransformerFAM model.
@@ -38,19 +45,27 @@ def convert_to_fam(
         fam_prompt_init, fam_prompt_token_ids, fam_prompt_seed: how the FAM prompt starts (see [`FamConfig`]).
         fam_update, fam_gate_init: how the FAM state follows a completed block (see [`FamConfig`]); `"replace"` is
             the paper's rule, `"gated"` (the default) keeps an untrained FAM state near its start.
+        verify: run the conversion self-check (`verify_conversion`): on a short random input, the converted model in
+            the base-model limit (fam_length 0, a window covering the input) must give the base model's logits, or
+            the conversion is refused with `UnsupportedArchitectureError`. It costs one forward of a few dozen tokens
+            through each; False skips it.
         from_pretrained_kwargs: passed to `from_pretrained` when a path is given (`revision`, `dtype`, `gguf_file`,
             `token`, ...).
 
     Returns:
         [`FamForCausalLM`]: every weight is the base model's; `fam_prompt.weight` (and `fam_gate.weight` for the
         gated update) is new.
+
+    Raises:
+        `UnsupportedArchitectureError` (its `reason` says why) for a family that cannot be run as TransformerFAM
+        exactly, including one that fails the self-check.
     """
     validate_fam_settings(block_size, memory_segments, fam_length)
     if isinstance(model_or_path, (str, os.PathLike)):
         if from_pretrained_kwargs.get("gguf_file") is None:
             # Refuse an unsupported architecture before downloading or reading any weights.
             config_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "token", "trust_remote_code", "cache_dir")}
-            check_supported_config(AutoConfig.from_pretrained(model_or_path, **config_kwargs))
+            check_supported_config(AutoConfig.from_pretrained(model_or_path, **config_kwargs), layout=True)
         model = AutoModelForCausalLM.from_pretrained(model_or_path, **from_pretrained_kwargs)
     elif isinstance(model_or_path, PreTrainedModel):
         if from_pretrained_kwargs:
@@ -96,7 +111,88 @@ def convert_to_fam(
     if getattr(model, "generation_config", None) is not None:
         fam.generation_config = model.generation_config
     fam.name_or_path = model.name_or_path
+    if verify:
+        verify_conversion(fam, model)
     return fam
+
+
+# The self-check's input: one row of this many tokens, cut into blocks of _CHECK_BLOCK with enough memory segments to
+# cover it (a partial last block included): the base-model limit of FAM_SPEC rule 7, through the block machinery.
+_CHECK_TOKENS = 21
+_CHECK_BLOCK = 8
+# max |FAM - base| / max |base| allowed, by the dtype the models compute in.
+_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+_CHECK_TOLERANCE_LOW_PRECISION = 3e-2
+
+
+def verify_conversion(fam: FamForCausalLM, base: PreTrainedModel, seed: int = 0) -> float:
+    """The conversion self-check: `fam`'s decoder, run with fam_length 0 and a window that covers a short random
+    input, must reproduce `base`'s logits (FAM_SPEC rule 7). Catches a family whose forward does something between
+    the embedding and the head that hf-fam's family adapter does not know of (an embedding multiplier, logit
+    scaling, extra inputs to its layers...).
+
+    Returns the relative difference; raises `UnsupportedArchitectureError` (reason `self-check failed`) when it is
+    above the tolerance of the models' dtype, or when running the decoder layers the FAM way fails.
+    """
+    text_config = fam.config.text_config
+    model_type = text_config.model_type
+    implementation = fam.model.config._attn_implementation
+    if implementation not in SUPPORTED_ATTENTION:
+        logger.warning(
+            f"The conversion self-check was skipped: attn_implementation='{implementation}' cannot run TransformerFAM. "
+            "Switch to 'sdpa' or 'eager' (model.set_attn_implementation) and call hf_fam.verify_conversion(fam, base)."
+        )
+        return float("nan")
+    checker_config = FamConfig(
+        text_config=text_config,
+        block_size=_CHECK_BLOCK,
+        memory_segments=-(-_CHECK_TOKENS // _CHECK_BLOCK),
+        fam_length=0,
+        fam_update="replace",
+        dtype=base.dtype,
+    )
+    vocab = getattr(text_config, "vocab_size", None) or base.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, _CHECK_TOKENS), generator=generator).to(base.device)
+    modes = (base.training, fam.training)
+    rotary = fam.rotary_emb
+    try:
+        base.eval()
+        with torch.no_grad():
+            expected = base(input_ids=ids).logits.float()
+            try:
+                checker = FamForCausalLM(checker_config, base_model=base).eval()
+                # the base model picks length-dependent rotary frequencies per call; so does the check (at this
+                # length both use the short-sequence ones), and the converted model fixes them again on first use
+                checker._length_dependent_rotary_per_call = True
+                actual = checker(input_ids=ids).logits.float()
+            except UnsupportedArchitectureError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure of the FAM way of driving the layers
+                raise UnsupportedArchitectureError(
+                    f"Conversion self-check: running '{model_type}' decoder layers block by block failed "
+                    f"({type(error).__name__}: {error}). hf-fam cannot drive this family; report it with the model id.",
+                    REASON_SELF_CHECK,
+                ) from error
+    finally:
+        base.train(modes[0])
+        fam.train(modes[1])
+        if rotary is not None and hasattr(rotary, "_fam_frequencies_fixed"):
+            rotary._fam_frequencies_fixed = False
+    scale = expected.abs().max().item()
+    difference = (actual - expected).abs().max().item() / max(scale, torch.finfo(torch.float32).tiny)
+    tolerance = _CHECK_TOLERANCE.get(base.dtype, _CHECK_TOLERANCE_LOW_PRECISION)
+    if not difference <= tolerance:  # NaN fails too
+        raise UnsupportedArchitectureError(
+            f"Conversion self-check failed for '{model_type}': in the base-model limit (fam_length 0, a window "
+            f"covering {_CHECK_TOKENS} random tokens) the converted model's logits differ from the base model's by "
+            f"{difference:.3g} of their scale (tolerance {tolerance:g}). The family's forward does something outside "
+            "its decoder layers that hf-fam's family adapter does not (see hf_fam.modeling_fam.FAMILY_ADAPTERS), so "
+            "its FAM outputs would be wrong. Refusing; convert_to_fam(..., verify=False) / --no-verify skips this "
+            "check at your own risk.",
+            REASON_SELF_CHECK,
+        )
+    return difference
 
 
 def unconvert(fam_model: FamForCausalLM) -> PreTrainedModel:
@@ -106,8 +202,8 @@ def unconvert(fam_model: FamForCausalLM) -> PreTrainedModel:
     text_config = fam_model.config.text_config
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(text_config)
-    base.model = fam_model.model
-    base.lm_head = fam_model.lm_head
+    setattr(base, base.base_model_prefix, fam_model.model)
+    base.set_output_embeddings(fam_model.lm_head)
     base.config = text_config
     left_on_meta = [name for name, p in base.named_parameters() if p.device.type == "meta"]
     left_on_meta += [name for name, b in base.named_buffers() if b.device.type == "meta"]
@@ -115,7 +211,7 @@ def unconvert(fam_model: FamForCausalLM) -> PreTrainedModel:
         raise UnsupportedArchitectureError(
             f"{type(base).__name__} has modules besides model and lm_head ({left_on_meta[:3]}); cannot unconvert."
         )
-    for layer in base.model.layers:
+    for layer in fam_model.decoder_layers:
         layer.__dict__.pop("_can_checkpoint_with_cache", None)
     if getattr(fam_model, "generation_config", None) is not None:
         base.generation_config = fam_model.generation_config
