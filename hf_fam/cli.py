@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         "replaces the old; an untrained conversion collapses after a few blocks on long inputs)",
     )
     convert.add_argument("--fam-gate-init", type=float, default=0.1, help="initial gate of the gated update")
+    convert.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the conversion self-check (the converted model with fam_length 0 must give the base model's logits "
+        "on a few random tokens; a family that fails it is refused)",
+    )
     convert.add_argument("--preset", default=None, help="a preset name from conversion/presets (list them with `hf-fam presets`)")
     convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype of the output weights; auto keeps the source's (float32 for GGUF)")
     convert.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE")
@@ -214,7 +221,12 @@ def cmd_convert(args) -> int:
     from .hub import push_folder, write_model_card
 
     fam = convert_to_fam(
-        loaded.model, **settings, **prompt_kwargs, fam_update=args.fam_update, fam_gate_init=args.fam_gate_init
+        loaded.model,
+        **settings,
+        **prompt_kwargs,
+        fam_update=args.fam_update,
+        fam_gate_init=args.fam_gate_init,
+        verify=args.verify,
     )
     license = loaded.license or (preset.license if preset else None)
     _progress(f"Writing {output} ...")

@@ -125,11 +125,29 @@ _CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 _CHECK_TOLERANCE_LOW_PRECISION = 3e-2
 
 
+def _checker(base, text_config, memory_segments: int, fam_length: int) -> FamForCausalLM:
+    config = FamConfig(
+        text_config=text_config,
+        block_size=_CHECK_BLOCK,
+        memory_segments=memory_segments,
+        fam_length=fam_length,
+        fam_update="replace",
+        dtype=base.dtype,
+    )
+    checker = FamForCausalLM(config, base_model=base).eval()
+    # the base model picks length-dependent rotary frequencies per call; so does the check (at this length both use
+    # the short-sequence ones), and the converted model fixes them again on first use
+    checker._length_dependent_rotary_per_call = True
+    checker.fam_prompt.to(device=base.device, dtype=base.dtype)
+    return checker
+
+
 def verify_conversion(fam: FamForCausalLM, base: PreTrainedModel, seed: int = 0) -> float:
     """The conversion self-check: `fam`'s decoder, run with fam_length 0 and a window that covers a short random
     input, must reproduce `base`'s logits (FAM_SPEC rule 7). Catches a family whose forward does something between
     the embedding and the head that hf-fam's family adapter does not know of (an embedding multiplier, logit
-    scaling, extra inputs to its layers...).
+    scaling, extra inputs to its layers...). It also runs two FAM rows over the same input, whose outputs must be
+    finite (the initial FAM state sits at negative positions, which some position-dependent scalings cannot take).
 
     Returns the relative difference; raises `UnsupportedArchitectureError` (reason `self-check failed`) when it is
     above the tolerance of the models' dtype, or when running the decoder layers the FAM way fails.
@@ -143,14 +161,6 @@ def verify_conversion(fam: FamForCausalLM, base: PreTrainedModel, seed: int = 0)
             "Switch to 'sdpa' or 'eager' (model.set_attn_implementation) and call hf_fam.verify_conversion(fam, base)."
         )
         return float("nan")
-    checker_config = FamConfig(
-        text_config=text_config,
-        block_size=_CHECK_BLOCK,
-        memory_segments=-(-_CHECK_TOKENS // _CHECK_BLOCK),
-        fam_length=0,
-        fam_update="replace",
-        dtype=base.dtype,
-    )
     vocab = getattr(text_config, "vocab_size", None) or base.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, _CHECK_TOKENS), generator=generator).to(base.device)
@@ -161,11 +171,10 @@ def verify_conversion(fam: FamForCausalLM, base: PreTrainedModel, seed: int = 0)
         with torch.no_grad():
             expected = base(input_ids=ids).logits.float()
             try:
-                checker = FamForCausalLM(checker_config, base_model=base).eval()
-                # the base model picks length-dependent rotary frequencies per call; so does the check (at this
-                # length both use the short-sequence ones), and the converted model fixes them again on first use
-                checker._length_dependent_rotary_per_call = True
-                actual = checker(input_ids=ids).logits.float()
+                # the base-model limit: memory segments covering the input, no FAM
+                actual = _checker(base, text_config, -(-_CHECK_TOKENS // _CHECK_BLOCK), 0)(input_ids=ids).logits.float()
+                # and with FAM rows (the initial state sits at negative positions, rule 2): finite outputs
+                fam_logits = _checker(base, text_config, 1, 2)(input_ids=ids).logits
             except UnsupportedArchitectureError:
                 raise
             except Exception as error:  # noqa: BLE001 - any failure of the FAM way of driving the layers
@@ -179,6 +188,13 @@ def verify_conversion(fam: FamForCausalLM, base: PreTrainedModel, seed: int = 0)
         fam.train(modes[1])
         if rotary is not None and hasattr(rotary, "_fam_frequencies_fixed"):
             rotary._fam_frequencies_fixed = False
+    if not torch.isfinite(fam_logits).all():
+        raise UnsupportedArchitectureError(
+            f"Conversion self-check failed for '{model_type}': with FAM rows (fam_length 2) the converted model gives "
+            "non-finite logits. The family computes something from positions that the FAM rows' positions (negative "
+            "for the initial state, FAM_SPEC rule 2) break, so hf-fam cannot run it as TransformerFAM.",
+            REASON_SELF_CHECK,
+        )
     scale = expected.abs().max().item()
     difference = (actual - expected).abs().max().item() / max(scale, torch.finfo(torch.float32).tiny)
     tolerance = _CHECK_TOLERANCE.get(base.dtype, _CHECK_TOLERANCE_LOW_PRECISION)

@@ -942,6 +942,8 @@ class _RouterLoss:
 
     def load_balancing_loss(self, router_logits: list[torch.Tensor]) -> torch.Tensor:
         # The family's function averages over every routed row of every layer; all calls' rows at once give that mean.
+        if not router_logits:  # a configuration whose layers have no router (all dense)
+            return torch.zeros(())
         return self.loss_function((torch.cat(router_logits),), self.num_experts, self.top_k, None)
 
     @staticmethod
