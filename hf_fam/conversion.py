@@ -164,7 +164,7 @@ def verify_conversion(fam: FamForCausalLM, base: PreTrainedModel, seed: int = 0)
     vocab = getattr(text_config, "vocab_size", None) or base.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, _CHECK_TOKENS), generator=generator).to(base.device)
-    modes = (base.training, fam.training)
+    modes = {module: module.training for module in (*base.modules(), *fam.modules())}
     rotary = fam.rotary_emb
     try:
         base.eval()
@@ -184,8 +184,8 @@ def verify_conversion(fam: FamForCausalLM, base: PreTrainedModel, seed: int = 0)
                     REASON_SELF_CHECK,
                 ) from error
     finally:
-        base.train(modes[0])
-        fam.train(modes[1])
+        for module, training in modes.items():  # train/eval exactly as before, module by module
+            module.training = training
         if rotary is not None and hasattr(rotary, "_fam_frequencies_fixed"):
             rotary._fam_frequencies_fixed = False
     if not torch.isfinite(fam_logits).all():

@@ -207,7 +207,7 @@ def test_an_unsupported_gguf_is_refused_before_its_weights_are_read(tmp_path):
     # the tensor data is cut short: had the weights been read, this would be a read error
     path = write_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2", truncate=32 * 1024)
     result = hf_fam_cli("convert", path, tmp_path / "out")
-    assert_clean_error(result, "tiny-gpt2.gguf holds a 'gpt2' model", "Supported decoder families: llama")
+    assert_clean_error(result, "tiny-gpt2.gguf holds a 'gpt2' model", "learned absolute positions")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
@@ -215,7 +215,7 @@ def test_an_unsupported_folder_is_refused_before_its_weights_are_read(folders, t
     source = copy_of(folders["tiny-gpt2"], tmp_path / "gpt2")
     (source / "model.safetensors").write_bytes(b"not weights")
     result = hf_fam_cli("convert", source, tmp_path / "out")
-    assert_clean_error(result, "model_type 'gpt2' is not supported")
+    assert_clean_error(result, "'gpt2' has no rotary module")
     assert "damaged" not in result.stderr
 
 

@@ -212,6 +212,34 @@ def test_unsupported_architectures_fail_naming_the_reason(model_type, kwargs, re
     assert error.value.reason == reason
 
 
+def test_self_check_refuses_a_family_whose_adapter_is_wrong(monkeypatch):
+    """A granite model whose adapter forgets the logit divisor or the embedding multiplier is refused at conversion,
+    not converted into a model with wrong outputs; verify=False skips the check."""
+    from registry_families import tiny_config
+
+    config = tiny_config("granite")
+    assert config.embedding_multiplier != 1 and config.logits_scaling != 1
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    fam = hf_fam.convert_to_fam(base, block_size=8, fam_length=2)  # the real adapter passes
+    assert hf_fam.verify_conversion(fam, base) <= 1e-4
+    for broken in (modeling_fam.FamilyAdapter(logit_divisor="logits_scaling"), modeling_fam.FamilyAdapter(embedding_multiplier="embedding_multiplier")):
+        monkeypatch.setitem(modeling_fam.FAMILY_ADAPTERS, "granite", broken)
+        with pytest.raises(UnsupportedArchitectureError, match="self-check failed for 'granite'") as error:
+            hf_fam.convert_to_fam(base, block_size=8, fam_length=2)
+        assert error.value.reason == modeling_fam.REASON_SELF_CHECK
+        hf_fam.convert_to_fam(base, block_size=8, fam_length=2, verify=False)  # skipped: no error
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_self_check_leaves_train_and_eval_modes_as_they_were(training):
+    base = tiny_base("llama").train(training)
+    unchecked = hf_fam.convert_to_fam(base, block_size=8, fam_length=2, verify=False)
+    expected = [module.training for module in unchecked.modules()]
+    fam = hf_fam.convert_to_fam(base, block_size=8, fam_length=2)
+    assert [module.training for module in fam.modules()] == expected
+
+
 def test_flash_attention_is_refused_with_a_clear_error():
     fam = hf_fam.convert_to_fam(tiny_base("llama"), block_size=8, fam_length=2)
     fam.model.config._attn_implementation_internal = "flash_attention_2"
