@@ -33,6 +33,8 @@ def check_limits(base, fam, tmp_path) -> None:
     # F = 0 and (M + 1) B >= length: the base model, eager and (where the base supports it) sdpa
     with torch.no_grad():
         assert_logits_close(fam(ids).logits, base(ids).logits, what="BSWA-limit logits (eager)")
+    with torch.no_grad():  # and back: the base model class with the same modules
+        assert_logits_close(hf_fam.unconvert(fam)(ids).logits, base(ids).logits, rtol=1e-6, what="unconverted logits")
     if type(base)._supports_sdpa:
         base.set_attn_implementation("sdpa")
         try:

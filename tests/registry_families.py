@@ -46,6 +46,7 @@ _SHRINK = dict(
     shared_expert_intermediate_size=32,
     n_group=1,
     topk_group=1,
+    n_shared_experts=1,
     # multi-head latent attention
     q_lora_rank=32,
     kv_lora_rank=16,
@@ -82,8 +83,8 @@ def tiny_config(model_type: str):
 
     default = AutoConfig.for_model(model_type)
     overrides = {key: value for key, value in _SHRINK.items() if hasattr(default, key)}
-    if hasattr(default, "qk_rope_head_dim"):
-        overrides.pop("head_dim", None)  # latent attention derives it, and has as many key heads as query heads
+    if hasattr(default, "qk_rope_head_dim"):  # latent attention: rotary on qk_rope_head_dim, one key head per query head
+        overrides["head_dim"] = overrides["qk_rope_head_dim"]
         overrides["num_key_value_heads"] = overrides["num_attention_heads"]
     layer_types = getattr(default, "layer_types", None)
     if layer_types:
