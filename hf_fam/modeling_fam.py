@@ -369,7 +369,7 @@ class FamPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
     _is_stateful = True
-    # Every supported family ties (when its config says so) exactly these two keys.
+    # The Llama layout's tied keys; a converted model sets its own from its family's layout (see FamForCausalLM).
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     @torch.no_grad()
