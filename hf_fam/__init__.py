@@ -22,18 +22,22 @@ import sys
 __version__ = "0.1.0.dev0"
 
 _PUBLIC = {
-    "SUPPORTED_MODEL_TYPES": "modeling_fam",
+    "FAMILY_ADAPTERS": "modeling_fam",
     "FamCache": "cache_fam",
     "FamConfig": "configuration_fam",
     "FamForCausalLM": "modeling_fam",
     "FamGate": "modeling_fam",
     "FamPrompt": "modeling_fam",
+    "FamilyAdapter": "modeling_fam",
     "UnsupportedArchitectureError": "modeling_fam",
     "calibrate_fam_prompt": "calibration",
+    "causal_lm_families": "modeling_fam",
+    "check_supported_config": "modeling_fam",
     "convert_to_fam": "conversion",
     "stream_hidden_states": "streaming",
     "stream_log_likelihood": "streaming",
     "unconvert": "conversion",
+    "verify_conversion": "conversion",
 }
 __all__ = list(_PUBLIC)
 

@@ -52,7 +52,7 @@ def _bswa_twin(model):
     config = model.config
     return convert_to_fam(
         unconvert(model), block_size=config.block_size, memory_segments=config.memory_segments, fam_length=0,
-        calibration_steps=0,
+        calibration_steps=0, verify=False,
     )
 
 

@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-text", default=None, metavar="FILE",
         help="UTF-8 text file to calibrate on (default: the Python documentation that ships with CPython)",
     )
+    convert.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the conversion self-check (the converted model with fam_length 0 must give the base model's logits "
+        "on a few random tokens; a family that fails it is refused)",
+    )
     convert.add_argument("--preset", default=None, help="a preset name from conversion/presets (list them with `hf-fam presets`)")
     convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype of the output weights; auto keeps the source's (float32 for GGUF)")
     convert.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE")
@@ -242,8 +249,15 @@ def cmd_convert(args) -> int:
     elif calibration_steps:
         _progress(f"Calibrating the FAM prompt ({calibration_steps} steps against BSWA; --calibration-steps 0 skips) ...")
     fam = convert_to_fam(
-        loaded.model, **settings, **prompt_kwargs, fam_update=args.fam_update, fam_gate_init=args.fam_gate_init,
-        calibration_steps=calibration_steps, calibration_text=calibration_text, tokenizer=loaded.tokenizer,
+        loaded.model,
+        **settings,
+        **prompt_kwargs,
+        fam_update=args.fam_update,
+        fam_gate_init=args.fam_gate_init,
+        verify=args.verify,
+        calibration_steps=calibration_steps,
+        calibration_text=calibration_text,
+        tokenizer=loaded.tokenizer,
     )
     if fam.config.fam_calibration:
         record = fam.config.fam_calibration

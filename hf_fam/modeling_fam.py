@@ -28,6 +28,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
 from .cache_fam import FamCache
@@ -36,19 +37,6 @@ from .configuration_fam import FamConfig
 
 logger = logging.get_logger(__name__)
 
-# Families whose decoder layers this file drives, each checked by the test-suite against the spec's rule 7.
-SUPPORTED_MODEL_TYPES = (
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "olmo2",
-)
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 # Rotary types whose frequencies depend on the current call's length: fixed once per model (rule 7).
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -62,38 +50,224 @@ _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_f
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
+# Why a family is refused: the `reason` of an `UnsupportedArchitectureError` is one of these (the README's table of
+# families counts them).
+REASON_ENCODER_DECODER = "encoder-decoder"
+REASON_WRAPPER = "multimodal or composite wrapper"
+REASON_NOT_CAUSAL = "not a causal decoder of the installed transformers"
+REASON_NON_ATTENTION = "layers without attention (state-space, linear attention, convolution, ...)"
+REASON_ATTENTION_PATTERN = "attention pattern hf-fam cannot express (chunked, indexed, compressed, ...)"
+REASON_POSITIONS = "no rotary positions (learned absolute, ALiBi, or computed inside the layers)"
+REASON_LAYOUT = "layout not recognised"
+REASON_SELF_CHECK = "self-check failed"
+# Layer kinds (`config.layer_types`) whose layers are attention layers that this file drives (rule 4).
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 class UnsupportedArchitectureError(ValueError):
-    """The model cannot be turned into a TransformerFAM model."""
+    """The model cannot be turned into a TransformerFAM model; `reason` is one of the `REASON_*` constants."""
+
+    def __init__(self, message: str, reason: str = REASON_NOT_CAUSAL):
+        super().__init__(message)
+        self.reason = reason
 
 
-def check_supported_config(config) -> None:
-    """Raise `UnsupportedArchitectureError` unless `config` describes a supported decoder-only family."""
-    model_type = getattr(config, "model_type", None)
-    supported = ", ".join(SUPPORTED_MODEL_TYPES)
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedArchitectureError(
-            f"'{model_type}' is an encoder-decoder model; hf-fam converts decoder-only language models: {supported}."
-        )
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What hf-fam needs to know about a family beyond transformers' own extension points.
+
+    The decoder is the causal LM's `base_model` (its `base_model_prefix`), the token embedding its
+    `get_input_embeddings()`, the head its `get_output_embeddings()`. Attribute names are those of the decoder
+    module; multipliers and caps name *configuration* attributes that the family's own forward applies outside the
+    decoder layers (None: the family does not). The defaults are the Llama layout.
+    """
+
+    layers: str = "layers"
+    norm: str = "norm"  # the final norm, applied to the last layer's output
+    rotary_emb: str = "rotary_emb"
+    embedding_multiplier: str | None = None  # inputs_embeds * config.<this>, in the decoder's forward
+    embedding_norm: str | None = None  # a decoder module applied to the embeddings before the first layer
+    logit_multiplier: str | None = None  # logits * config.<this>, in the causal LM's forward
+    logit_divisor: str | None = None  # logits / config.<this>
+    final_logit_softcapping: str | None = "final_logit_softcapping"  # tanh(logits / cap) * cap when set
+
+
+_GRANITE = FamilyAdapter(embedding_multiplier="embedding_multiplier", logit_divisor="logits_scaling")
+_COHERE = FamilyAdapter(logit_multiplier="logit_scale")
+_FINAL_LAYERNORM = FamilyAdapter(norm="final_layernorm")
+_GPT_LAYOUT = FamilyAdapter(layers="h", norm="ln_f")
+# Only the families that differ from the Llama layout; each entry was read off the family's modeling file, and the
+# conversion self-check (hf_fam.conversion) refuses any family whose forward does something no entry says.
+FAMILY_ADAPTERS = {
+    "codegen": _GPT_LAYOUT,
+    "cohere": _COHERE,
+    "cohere2": _COHERE,
+    "cohere2_moe": _COHERE,
+    "granite": _GRANITE,
+    "granite_swa": _GRANITE,
+    "granitemoe": _GRANITE,
+    "granitemoe_swa": _GRANITE,
+    "granitemoeshared": _GRANITE,
+    "falcon": _GPT_LAYOUT,
+    "gptj": _GPT_LAYOUT,
+    "gpt_neox": FamilyAdapter(norm="final_layer_norm"),
+    "gpt_neox_japanese": FamilyAdapter(norm="final_layer_norm"),
+    "hyperclovax": FamilyAdapter(embedding_multiplier="embedding_multiplier", logit_multiplier="logits_scaling"),
+    "minicpm3": FamilyAdapter(logit_divisor="logits_scaling"),  # it divides the hidden states before a bias-free head
+    "modernbert-decoder": FamilyAdapter(norm="final_norm", embedding_norm="embeddings.norm"),
+    "lfm2": FamilyAdapter(norm="embedding_norm"),  # its final norm, despite the name
+    "nanochat": FamilyAdapter(embedding_norm="norm"),  # the same norm before the first layer and after the last
+    "persimmon": _FINAL_LAYERNORM,
+    "phi": _FINAL_LAYERNORM,
+}
+
+
+def _attribute(module, path: str):
+    """`module.a.b` for path "a.b" (None when missing)."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
+def family_adapter(model_type: str) -> FamilyAdapter:
+    return FAMILY_ADAPTERS.get(model_type, FamilyAdapter())
+
+
+def causal_lm_families() -> list[str]:
+    """Every model type with a causal-LM class in the installed transformers (its Auto registry)."""
+    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def check_supported_model_type(model_type: str | None) -> None:
+    """Raise `UnsupportedArchitectureError` unless `model_type` has a causal-LM class in the installed transformers."""
     if model_type == "fam":
         raise UnsupportedArchitectureError(
             "This is already a TransformerFAM checkpoint (model_type 'fam'): load it with "
             "AutoModelForCausalLM.from_pretrained as it is, or convert its base model to use other FAM settings."
         )
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedArchitectureError(
-            f"model_type '{model_type}' is not supported by hf-fam. Supported decoder families: {supported}."
+            f"model_type '{model_type}' has no causal-LM class in the installed transformers "
+            "(AutoModelForCausalLM), so hf-fam cannot drive it."
+        )
+
+
+def check_supported_config(config, layout: bool = False) -> None:
+    """Raise `UnsupportedArchitectureError` (with a `reason`) when `config` describes a family that cannot be run as
+    TransformerFAM exactly, as far as the configuration tells (and with `layout`, a weightless model built from it:
+    see `check_supported_layout`); the conversion self-check decides the rest."""
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"'{model_type}' is an encoder-decoder model; hf-fam converts decoder-only language models.",
+            REASON_ENCODER_DECODER,
+        )
+    check_supported_model_type(model_type)
+    sub_configs = sorted(getattr(config, "sub_configs", None) or {})
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if text_config is not config or sub_configs:
+        raise UnsupportedArchitectureError(
+            f"'{model_type}' is a multimodal or composite model (sub-configurations: {', '.join(sub_configs)}); hf-fam "
+            "converts the text decoder alone: load and convert the checkpoint's language model instead.",
+            REASON_WRAPPER,
         )
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedArchitectureError(
             f"'{model_type}' with use_bidirectional_attention=True is not a causal decoder; hf-fam needs a causal one."
         )
-    for layer_type in _layer_types(config):
-        if layer_type not in ("full_attention", "sliding_attention"):
+    kinds = list(dict.fromkeys(_layer_types(config)))
+    for kind in kinds:
+        if kind in ATTENTION_LAYER_TYPES:
+            continue
+        if "attention" not in kind or "linear" in kind:
             raise UnsupportedArchitectureError(
-                f"layer type '{layer_type}' of '{model_type}' is not supported; hf-fam handles full_attention and "
-                "sliding_attention layers."
+                f"'{model_type}' has '{kind}' layers, which are not attention layers: FAM rows need every layer to "
+                f"attend (layer types: {', '.join(kinds)}).",
+                REASON_NON_ATTENTION,
             )
+        raise UnsupportedArchitectureError(
+            f"'{model_type}' has '{kind}' layers; hf-fam expresses full and sliding-window attention "
+            f"({', '.join(ATTENTION_LAYER_TYPES)}), not this pattern.",
+            REASON_ATTENTION_PATTERN,
+        )
+    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", None) in ("absolute", "alibi"):
+        kind = "ALiBi" if getattr(config, "alibi", False) or config.position_embedding_type == "alibi" else "learned absolute"
+        raise UnsupportedArchitectureError(
+            f"'{model_type}' uses {kind} positions: the FAM rows need positions that hf-fam sets (rotary).",
+            REASON_POSITIONS,
+        )
+    if layout:
+        check_supported_layout(config)
 
+
+def check_supported_layout(config) -> None:
+    """Raise `UnsupportedArchitectureError` when a model of `config` lacks what hf-fam drives (a rotary module,
+    decoder layers, final norm, embedding, head), checked on a weightless copy built on the meta device (nothing
+    is read or allocated). A configuration that transformers cannot build passes: loading it will fail anyway."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - not ours to judge; the real load reports it
+        return
+    _Layout(model)
+
+
+def _positions_refusal(base_model, decoder, layers) -> UnsupportedArchitectureError:
+    """The error for a decoder without a rotary module: learned position tables if it has any, else ALiBi-like."""
+    token_embedding = base_model.get_input_embeddings()
+    layer_modules = set(layers.modules()) if isinstance(layers, nn.Module) else set()
+    tables = [
+        name
+        for name, module in decoder.named_modules()
+        if isinstance(module, nn.Embedding) and module is not token_embedding and module not in layer_modules
+    ]
+    model_type = base_model.config.model_type
+    if tables:
+        what = f"learned absolute positions ({', '.join(tables)})"
+    else:
+        what = "positions computed inside its layers or attention (ALiBi, or rotary without a shared rotary module)"
+    return UnsupportedArchitectureError(
+        f"'{model_type}' has no rotary module that hf-fam can drive: it uses {what}. The FAM rows need positions that "
+        "hf-fam sets (FAM_SPEC rule 2).",
+        REASON_POSITIONS,
+    )
+
+
+class _Layout:
+    """Where a loaded causal LM keeps what hf-fam drives (see `FamilyAdapter`)."""
+
+    def __init__(self, base_model):
+        config = base_model.config
+        self.adapter = adapter = family_adapter(config.model_type)
+        decoder = base_model.base_model
+        head = base_model.get_output_embeddings()
+        layers = _attribute(decoder, adapter.layers) if decoder is not base_model else None
+        rotary = _attribute(decoder, adapter.rotary_emb) if decoder is not base_model else None
+        if not isinstance(rotary, nn.Module):
+            raise _positions_refusal(base_model, decoder, layers)
+        norm = _attribute(decoder, adapter.norm)
+        if adapter.embedding_norm is not None and not isinstance(_attribute(decoder, adapter.embedding_norm), nn.Module):
+            norm = None
+        embed = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+        missing = [
+            what
+            for what, found in (
+                (f"decoder layers ('{adapter.layers}')", isinstance(layers, nn.ModuleList)),
+                (f"final norm ('{adapter.norm}')", isinstance(norm, nn.Module)),
+                ("token embedding", isinstance(embed, nn.Module)),
+                ("causal-LM head", isinstance(head, nn.Module)),
+            )
+            if not found
+        ]
+        if missing:
+            raise UnsupportedArchitectureError(
+                f"{type(base_model).__name__} does not have the layout hf-fam expects for '{config.model_type}': no "
+                f"{', '.join(missing)} on its decoder `{base_model.base_model_prefix}`. A family with another layout "
+                "needs an entry in hf_fam.modeling_fam.FAMILY_ADAPTERS.",
+                REASON_LAYOUT,
+            )
+        self.decoder, self.head, self.embed = decoder, head, embed
+        self.embed_name = next(name for name, module in decoder.named_modules() if module is embed)
 
 def _layer_types(config) -> list[str]:
     """The attention type of each decoder layer, as the base model's own forward decides it."""
@@ -320,7 +494,7 @@ class FamPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
     _is_stateful = True
-    # Every supported family ties (when its config says so) exactly these two keys.
+    # The Llama layout's tied keys; a converted model sets its own from its family's layout (see FamForCausalLM).
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     @torch.no_grad()
@@ -347,9 +521,10 @@ class FamPreTrainedModel(PreTrainedModel):
             ids = torch.tensor(config.fam_prompt_token_ids, dtype=torch.long)
         else:  # random_tokens
             ids = torch.randint(0, config.vocab_size, (fam_length,), generator=generator)
-        embed = self.get_input_embeddings()
-        # Rule 1: the prompt lives after any embedding scaling, so it is embed_tokens(ids), not raw rows.
-        init.copy_(module.weight, embed(ids.to(embed.weight.device)).to(module.weight.dtype))
+        device = self.get_input_embeddings().weight.device
+        # Rule 1: the prompt lives after any embedding scaling, so it is the embedding of ids as the base model's
+        # forward makes it (embed_tokens, then the family's multiplier or norm), not raw rows.
+        init.copy_(module.weight, self.embed(ids.to(device)).to(module.weight.dtype))
 
 
 class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
@@ -372,37 +547,62 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             # The base weights are loaded already: post_init must initialise the FAM prompt and nothing else.
             for module in base_model.modules():
                 module._is_hf_initialized = True
-        decoder, lm_head = getattr(base_model, "model", None), getattr(base_model, "lm_head", None)
-        if decoder is None or lm_head is None or not hasattr(decoder, "layers") or not hasattr(decoder, "rotary_emb"):
-            raise UnsupportedArchitectureError(
-                f"{type(base_model).__name__} does not have the model.{{embed_tokens,layers,norm,rotary_emb}} + lm_head "
-                f"layout of the supported families ({', '.join(SUPPORTED_MODEL_TYPES)})."
-            )
-        self.model = decoder
-        self.lm_head = lm_head
+        layout = _Layout(base_model)
+        self._adapter = layout.adapter
+        self.model = layout.decoder
+        self.lm_head = layout.head
+        if getattr(config.text_config, "tie_word_embeddings", False):
+            # the base family ties its head to its token embedding, wherever its layout keeps them
+            self._tied_weights_keys = {"lm_head.weight": f"model.{layout.embed_name}.weight"}
         # The layers read their attention implementation from this object: make it the one FamConfig holds.
-        config.text_config = decoder.config
+        config.text_config = self.model.config
         self.fam_prompt = FamPrompt(config.fam_length, config.hidden_size)
         self.fam_gate = FamGate(config.num_hidden_layers) if config.fam_update == "gated" else None
-        for layer in self.model.layers:
+        for layer in self.decoder_layers:
             # Memory keys/values enter attention through the layer's cache argument. In training our stand-in writes to
             # copies of the buffers it started from, never to those, so a layer that checkpoints itself (when something
             # other than this model turns that on) may keep it: the recompute sees exactly the keys of the first pass.
             layer._can_checkpoint_with_cache = True
         # Which decoder layers this model checkpoints itself (see _set_gradient_checkpointing).
-        self._checkpointed_layers = [False] * len(self.model.layers)
+        self._checkpointed_layers = [False] * len(self.decoder_layers)
         # Mixture-of-experts families: what the base causal LM's forward needs for its router load-balancing loss.
-        self._router = _router_settings(base_model)
+        self._router = _router_settings(base_model, self.model)
         self._router_recording = None
         _register_peft_targets(config.text_config.model_type)
         self.post_init()
 
     # ------------------------------------------------------------------------------------------- accessors
     def get_input_embeddings(self):
-        return self.model.embed_tokens
+        return self.model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
+        self.model.set_input_embeddings(value)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The base model's decoder layers, wherever its family keeps them."""
+        return _attribute(self.model, self._adapter.layers)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _attribute(self.model, self._adapter.norm)
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        return _attribute(self.model, self._adapter.rotary_emb)
+
+    def embed(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """What the base decoder's forward feeds its first layer for these tokens: the token embedding (or the
+        given `inputs_embeds`) with whatever the family applies before the layers (multiplier, norm). The FAM
+        prompt lives in this space (rule 1)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        adapter = self._adapter
+        if adapter.embedding_multiplier is not None:
+            inputs_embeds = inputs_embeds * getattr(self.config.text_config, adapter.embedding_multiplier)
+        if adapter.embedding_norm is not None:
+            inputs_embeds = _attribute(self.model, adapter.embedding_norm)(inputs_embeds)
+        return inputs_embeds
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -421,6 +621,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         """An empty stream cache for this model (a `transformers` `Cache`)."""
         return FamCache.from_config(self.config)
 
+    # Length-dependent rotary types: pick frequencies per call as the base model does (the conversion self-check) instead
+    # of fixing them once (rule 7).
+    _length_dependent_rotary_per_call = False
+
     # The model checkpoints its own layer calls (set by `activation_checkpointing_enable`, like any model's flag).
     gradient_checkpointing = False
 
@@ -437,8 +641,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
         # The base class chose which layers to checkpoint (every_n_layers); keep that choice and do it here.
-        self._checkpointed_layers = [bool(layer.gradient_checkpointing) for layer in self.model.layers]
-        for layer in self.model.layers:
+        self._checkpointed_layers = [bool(layer.gradient_checkpointing) for layer in self.decoder_layers]
+        for layer in self.decoder_layers:
             layer.gradient_checkpointing = False
 
     # -------------------------------------------------------------------------------------------- forward
@@ -555,7 +759,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         self._check_attention_implementation()
         if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
+            inputs_embeds = self.embed(input_ids)
+        else:
+            inputs_embeds = self.embed(inputs_embeds=inputs_embeds)
         batch, columns = inputs_embeds.shape[:2]
         if columns == 0:
             consumed = cache.get_seq_length() if isinstance(cache, FamCache) and cache.is_started else 0
@@ -573,7 +779,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         cache.place(inputs_embeds.device, self.layer_devices(inputs_embeds.device))
         real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
         hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
-        hidden_states = self.model.norm(hidden_states)
+        hidden_states = self.final_norm(hidden_states)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
         return hidden_states, all_hidden, cache
@@ -584,7 +790,12 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         Lets a caller project a long chunk's hidden states a slice at a time instead of holding (n, vocab) logits.
         """
         logits = self.lm_head(hidden_states)
-        softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        adapter, text_config = self._adapter, self.config.text_config
+        if adapter.logit_multiplier is not None:
+            logits = logits * getattr(text_config, adapter.logit_multiplier)
+        if adapter.logit_divisor is not None:
+            logits = logits / getattr(text_config, adapter.logit_divisor)
+        softcap = getattr(text_config, adapter.final_logit_softcapping, None) if adapter.final_logit_softcapping else None
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
@@ -667,7 +878,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         inputs = (mask, self._position_embeddings(hidden, positions), positions)
         per_device = {}  # what the layer calls read, moved once per device
         states = []
-        for layer, layer_type, layer_device in zip(self.model.layers, self.layer_types, self.layer_devices(device)):
+        for layer, layer_type, layer_device in zip(self.decoder_layers, self.layer_types, self.layer_devices(device)):
             if layer_device not in per_device:
                 per_device[layer_device] = _to_device(inputs, layer_device)
             layer_mask, position_embeddings, layer_positions = per_device[layer_device]
@@ -679,14 +890,14 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
     def input_device(self) -> torch.device:
         """The device the stream's input and per-row counters live on: where the embedding computes (with accelerate's
         `device_map`, its execution device, even when its weights are offloaded)."""
-        return _execution_device(self.model.embed_tokens, self.device)
+        return _execution_device(self.get_input_embeddings(), self.device)
 
     def layer_devices(self, fallback: torch.device | None = None) -> list[torch.device]:
         """The device each decoder layer computes on: its accelerate hook's execution device when it has one (with
         `device_map`, even when its weights are offloaded), else its parameters' device (`fallback`, by default
         `input_device()`, for a layer without either)."""
         fallback = self.input_device() if fallback is None else fallback
-        return [_execution_device(layer, fallback) for layer in self.model.layers]
+        return [_execution_device(layer, fallback) for layer in self.decoder_layers]
 
     # ------------------------------------------------------------------------------------- rules 2 to 6
     def _run_blocks(self, inputs_embeds, real, cache: FamCache, output_hidden_states: bool):
@@ -711,7 +922,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], start, end, inputs_embeds)
             hidden = inputs_embeds[:, start:end]
             seen = [hidden]
-            for layer_idx, (layer, device) in enumerate(zip(self.model.layers, devices)):
+            for layer_idx, (layer, device) in enumerate(zip(self.decoder_layers, devices)):
                 hidden = self._block_layer(layer, layer_idx, hidden.to(device), segment.on(device), cache, gates)
                 if output_hidden_states:
                     seen.append(hidden)
@@ -821,6 +1032,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             position_embeddings=position_embeddings,
             position_ids=position_ids,
             **{_cache_argument(layer): block_cache},
+            **_unused_required_arguments(layer),
         )
         return output[0] if isinstance(output, tuple) else output
 
@@ -849,7 +1061,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
 
     def _position_embeddings(self, hidden, position_ids) -> dict:
         """(cos, sin) for `position_ids` (b, q), per layer type, from the base model's rotary module."""
-        rotary = self.model.rotary_emb
+        rotary = self.rotary_emb
         rotary_forward = self._rotary_forward(hidden.device)
         takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
         embeddings = {}
@@ -860,9 +1072,12 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
 
     def _rotary_forward(self, device: torch.device):
         """The rotary module's forward; for length-dependent rotary types, with frequencies fixed once (rule 7)."""
-        rotary = self.model.rotary_emb
-        rope_types = rotary.rope_type.values() if isinstance(rotary.rope_type, dict) else [rotary.rope_type]
-        if not any(kind in rope for rope in rope_types for kind in _LENGTH_DEPENDENT_ROPE):
+        rotary = self.rotary_emb
+        rope_type = getattr(rotary, "rope_type", "default")
+        rope_types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+        if not any(kind in str(rope) for rope in rope_types for kind in _LENGTH_DEPENDENT_ROPE):
+            return rotary
+        if self._length_dependent_rotary_per_call:  # the conversion self-check: as the base model does it
             return rotary
         if not getattr(rotary, "_fam_frequencies_fixed", False):
             # Drive the library's own update rule to the state it has for a max_position_embeddings-token sequence.
@@ -896,6 +1111,8 @@ class _RouterLoss:
     def load_balancing_loss(self, router_logits: list[torch.Tensor]) -> torch.Tensor:
         # The family's function averages over every routed row of every layer; all calls' rows at once give that mean
         # (on the first layer's device: with a device_map the layers' logits live on their layers' devices).
+        if not router_logits:  # a configuration whose layers have no router (all dense)
+            return torch.zeros(())
         device = router_logits[0].device
         rows = torch.cat([logits.to(device) for logits in router_logits])
         return self.loss_function((rows,), self.num_experts, self.top_k, None)
@@ -906,8 +1123,8 @@ class _RouterLoss:
         return [logits[rows.reshape(-1).to(logits.device)] for logits, rows in recording]
 
 
-def _router_settings(base_model) -> _RouterLoss | None:
-    recorder = (getattr(base_model.model, "_can_record_outputs", None) or {}).get("router_logits")
+def _router_settings(base_model, decoder) -> _RouterLoss | None:
+    recorder = (getattr(decoder, "_can_record_outputs", None) or {}).get("router_logits")
     module = sys.modules.get(type(base_model).__module__)
     loss_function = getattr(module, "load_balancing_loss_func", None)
     numbers = [getattr(base_model, name, None) for name in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")]
@@ -968,15 +1185,37 @@ def _register_peft_targets(model_type: str) -> None:
 
 
 def _cache_argument(layer) -> str:
-    """The name under which `layer` takes its cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+    """The name under which `layer` takes its cache: `cache` from transformers 5.24 on, `past_key_values` before (a
+    few families keep older names)."""
     kind = type(layer)
     if kind not in _CACHE_ARGUMENT:
         parameters = inspect.signature(kind.forward).parameters
-        _CACHE_ARGUMENT[kind] = "cache" if "cache" in parameters else "past_key_values"
+        names = [name for name in ("cache", "past_key_values", "past_key_value", "layer_past") if name in parameters]
+        _CACHE_ARGUMENT[kind] = names[0] if names else "past_key_values"
     return _CACHE_ARGUMENT[kind]
 
 
 _CACHE_ARGUMENT: dict[type, str] = {}
+_PASSED_TO_LAYERS = ("hidden_states", "attention_mask", "position_embeddings", "position_ids", "cache", "past_key_values")
+
+
+def _unused_required_arguments(layer) -> dict:
+    """None for each argument that `layer`'s forward requires and hf-fam does not pass (falcon's `alibi`, which it
+    takes even when it does not use ALiBi). The conversion self-check tells whether None was right."""
+    kind = type(layer)
+    if kind not in _UNUSED_REQUIRED:
+        parameters = list(inspect.signature(kind.forward).parameters.values())[1:]  # after self
+        _UNUSED_REQUIRED[kind] = {
+            p.name: None
+            for p in parameters[1:]  # after the hidden states
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in _PASSED_TO_LAYERS + (_cache_argument(layer),)
+        }
+    return _UNUSED_REQUIRED[kind]
+
+
+_UNUSED_REQUIRED: dict[type, dict] = {}
 
 
 def _fam_mask_function(query_index, key_index, block, block_size, memory_segments, window):
@@ -1005,4 +1244,13 @@ def _fam_mask_function(query_index, key_index, block, block_size, memory_segment
     return mask_function
 
 
-__all__ = ["FamForCausalLM", "FamGate", "FamPreTrainedModel", "FamPrompt", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError"]
+__all__ = [
+    "FAMILY_ADAPTERS",
+    "FamForCausalLM",
+    "FamGate",
+    "FamPreTrainedModel",
+    "FamPrompt",
+    "FamilyAdapter",
+    "UnsupportedArchitectureError",
+    "causal_lm_families",
+]

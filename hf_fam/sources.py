@@ -183,16 +183,22 @@ def check_hub_model(name: str, *, revision: str | None = None, token=None) -> bo
 
 def _load_gguf(path: Path, dtype: str, base_model: str | None, progress=None) -> LoadedSource:
     from .gguf import gguf_model_type, gguf_string_field, load_gguf
-    from .modeling_fam import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, check_supported_config
+    from .modeling_fam import UnsupportedArchitectureError, check_supported_config, check_supported_model_type
 
     if not path.is_file():
         raise SourceError(f"GGUF file not found: {path}.")
     architecture = gguf_string_field(path, "general.architecture")
-    if architecture is not None and gguf_model_type(architecture) not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"{path.name} holds a '{architecture}' model, which hf-fam does not support. Supported decoder families: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
+    if architecture is not None:  # refused before any tensor is read
+        from transformers import AutoConfig
+
+        model_type = gguf_model_type(architecture)
+        try:
+            check_supported_model_type(model_type)
+            check_supported_config(AutoConfig.for_model(model_type), layout=True)
+        except UnsupportedArchitectureError as error:
+            raise UnsupportedArchitectureError(
+                f"{path.name} holds a '{architecture}' model, which hf-fam cannot convert: {error}", error.reason
+            ) from None
     torch_dtype = resolve_dtype(dtype, for_gguf=True)
     try:
         model, tokenizer = load_gguf(path, dtype=torch_dtype, progress=progress)
@@ -240,7 +246,7 @@ def _load_pretrained(
         if local:
             raise SourceError(f"Could not read the configuration of {source}: {error}") from error
         raise SourceError(_hub_error_message(source, error)) from error
-    check_supported_config(config)  # before any weights are read or downloaded
+    check_supported_config(config, layout=True)  # before any weights are read or downloaded
     if local:
         check_weights_folder(source, SOURCE_FIX)
     say(f"Loading the weights ({config.model_type}, {config.num_hidden_layers} layers) ...")

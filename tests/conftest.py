@@ -134,3 +134,24 @@ def build_tiny_tokenizer(vocab_size: int = 256):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+# ------------------------------------------------------------------------------------- registry families
+def pytest_terminal_summary(terminalreporter):
+    """After the registry tests ran: how many of transformers' causal-LM families are accepted, refused, and why."""
+    ran = [
+        report
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if "test_registry_families" in getattr(report, "nodeid", "") and getattr(report, "when", "call") == "call"
+    ]
+    if not ran:
+        return
+    from registry_families import counts, read_table, target_ratio
+
+    rows = read_table()
+    accepted, candidates = target_ratio(rows)
+    terminalreporter.write_sep("-", "transformers' causal-LM families (as the README's table, which the tests hold)")
+    for what, count in counts(rows).items():
+        terminalreporter.write_line(f"{count:4d}  {what}")
+    terminalreporter.write_line(f"accepted {accepted} of the {candidates} attention-only rotary families that could be tried")

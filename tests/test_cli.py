@@ -188,13 +188,25 @@ def test_hub_offline_suggests_a_local_path(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unsupported_architecture_lists_supported_families(tmp_path):
+def test_unsupported_architecture_names_the_reason(tmp_path):
     from transformers import AutoConfig
 
     AutoConfig.for_model("bert", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "bert")
     result = hf_fam_cli("convert", tmp_path / "bert", tmp_path / "out")
-    assert_clean_error(result, "bert", "llama, mistral, mixtral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2")
+    assert_clean_error(result, "'bert' has no rotary module", "learned absolute positions")
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_no_verify_skips_the_self_check(base_folders, tmp_path, monkeypatch):
+    from hf_fam import cli
+
+    assert cli.build_parser().parse_args(["convert", "out"]).verify is True
+    seen = {}
+    monkeypatch.setattr("hf_fam.conversion.verify_conversion", lambda fam, base: seen.setdefault("checked", True))
+    assert cli.main(["convert", str(base_folders["llama"]), str(tmp_path / "out"), "--block-size", "8", "--fam-length", "2", "--no-verify"]) == 0
+    assert seen == {} and (tmp_path / "out" / "config.json").exists()
+    assert cli.main(["convert", str(base_folders["llama"]), str(tmp_path / "out2"), "--block-size", "8", "--fam-length", "2"]) == 0
+    assert seen == {"checked": True}
 
 
 @pytest.mark.parametrize(

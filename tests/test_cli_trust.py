@@ -207,7 +207,7 @@ def test_an_unsupported_gguf_is_refused_before_its_weights_are_read(tmp_path):
     # the tensor data is cut short: had the weights been read, this would be a read error
     path = write_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2", truncate=32 * 1024)
     result = hf_fam_cli("convert", path, tmp_path / "out")
-    assert_clean_error(result, "tiny-gpt2.gguf holds a 'gpt2' model", "Supported decoder families: llama")
+    assert_clean_error(result, "tiny-gpt2.gguf holds a 'gpt2' model", "learned absolute positions")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
@@ -215,7 +215,7 @@ def test_an_unsupported_folder_is_refused_before_its_weights_are_read(folders, t
     source = copy_of(folders["tiny-gpt2"], tmp_path / "gpt2")
     (source / "model.safetensors").write_bytes(b"not weights")
     result = hf_fam_cli("convert", source, tmp_path / "out")
-    assert_clean_error(result, "model_type 'gpt2' is not supported")
+    assert_clean_error(result, "'gpt2' has no rotary module")
     assert "damaged" not in result.stderr
 
 
@@ -312,7 +312,7 @@ def test_import_hf_fam_is_light_and_still_registers_the_auto_classes(folders):
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'import hf_fam imported torch'\n"
         "from transformers import AutoConfig, AutoModelForCausalLM\n"
         "print(type(AutoConfig.from_pretrained(sys.argv[1])).__name__, type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)\n"
-        "print(hf_fam.FamForCausalLM.__name__, hf_fam.convert_to_fam.__name__, len(hf_fam.SUPPORTED_MODEL_TYPES))\n"
+        "print(hf_fam.FamForCausalLM.__name__, hf_fam.convert_to_fam.__name__, len(hf_fam.FAMILY_ADAPTERS))\n"
     )
     other_order = "from transformers import AutoModelForCausalLM\nimport hf_fam\nimport sys\nprint(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)\n"
     submodule_first = "import sys\nimport hf_fam.modeling_fam\nfrom transformers import AutoModelForCausalLM\nprint(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)\n"
@@ -322,5 +322,5 @@ def test_import_hf_fam_is_light_and_still_registers_the_auto_classes(folders):
         assert result.returncode == 0, result.stderr[-3000:]
         assert "could not register" not in result.stderr
         outputs.append(result.stdout.split())
-    assert outputs[0] == ["FamConfig", "FamForCausalLM", "FamForCausalLM", "convert_to_fam", str(len(hf_fam.SUPPORTED_MODEL_TYPES))]
+    assert outputs[0] == ["FamConfig", "FamForCausalLM", "FamForCausalLM", "convert_to_fam", str(len(hf_fam.FAMILY_ADAPTERS))]
     assert outputs[1] == outputs[2] == ["FamForCausalLM"]

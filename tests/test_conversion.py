@@ -13,7 +13,7 @@ from test_fam_core import randomize_fam
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_fam
-from hf_fam import FamConfig, FamForCausalLM, UnsupportedArchitectureError
+from hf_fam import FamConfig, FamForCausalLM, UnsupportedArchitectureError, modeling_fam
 
 
 def test_convert_shares_weights_and_adds_only_the_fam_prompt_and_gates():
@@ -190,22 +190,55 @@ def test_bad_settings_raise_value_error_naming_the_field(settings, field):
 
 
 @pytest.mark.parametrize(
-    "model_type,kwargs",
+    "model_type,kwargs,reason,message",
     [
-        ("bert", dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
-        ("t5", dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)),
-        ("mamba", dict(vocab_size=64, hidden_size=32, num_hidden_layers=1)),
-        ("gpt2", dict(vocab_size=64, n_embd=32, n_layer=1, n_head=2)),
+        ("bert", dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+         modeling_fam.REASON_POSITIONS, "learned absolute positions"),
+        ("t5", dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2),
+         modeling_fam.REASON_ENCODER_DECODER, "encoder-decoder"),
+        ("mamba", dict(vocab_size=64, hidden_size=32, num_hidden_layers=1), modeling_fam.REASON_NON_ATTENTION, "not attention layers"),
+        ("gpt2", dict(vocab_size=64, n_embd=32, n_layer=1, n_head=2), modeling_fam.REASON_POSITIONS, r"learned absolute positions \(wpe\)"),
     ],
 )
-def test_unsupported_architectures_fail_naming_the_supported_ones(model_type, kwargs, tmp_path):
+def test_unsupported_architectures_fail_naming_the_reason(model_type, kwargs, reason, message, tmp_path):
     config = AutoConfig.for_model(model_type, **kwargs)
-    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, mixtral, qwen2"):
+    with pytest.raises(UnsupportedArchitectureError, match=message) as error:
         FamForCausalLM(FamConfig(text_config=config, block_size=8, fam_length=2))
+    assert error.value.reason == reason
     # From a folder: refused from its config.json alone, before any weights are read.
     config.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, mixtral, qwen2"):
+    with pytest.raises(UnsupportedArchitectureError, match=message) as error:
         hf_fam.convert_to_fam(str(tmp_path), block_size=8, fam_length=2)
+    assert error.value.reason == reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_check_refuses_a_family_whose_adapter_is_wrong(dtype, monkeypatch):
+    """A granite model whose adapter forgets the logit divisor or the embedding multiplier is refused at conversion,
+    not converted into a model with wrong outputs, in float32 and in 16-bit (looser check); verify=False skips it."""
+    from registry_families import tiny_config
+
+    config = tiny_config("granite")
+    assert config.embedding_multiplier != 1 and config.logits_scaling != 1
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    fam = hf_fam.convert_to_fam(base, block_size=8, fam_length=2)  # the real adapter passes
+    assert hf_fam.verify_conversion(fam, base) <= (1e-4 if dtype == torch.float32 else 0.02)
+    for broken in (modeling_fam.FamilyAdapter(logit_divisor="logits_scaling"), modeling_fam.FamilyAdapter(embedding_multiplier="embedding_multiplier")):
+        monkeypatch.setitem(modeling_fam.FAMILY_ADAPTERS, "granite", broken)
+        with pytest.raises(UnsupportedArchitectureError, match="self-check failed for 'granite'") as error:
+            hf_fam.convert_to_fam(base, block_size=8, fam_length=2)
+        assert error.value.reason == modeling_fam.REASON_SELF_CHECK
+        hf_fam.convert_to_fam(base, block_size=8, fam_length=2, verify=False)  # skipped: no error
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_self_check_leaves_train_and_eval_modes_as_they_were(training):
+    base = tiny_base("llama").train(training)
+    unchecked = hf_fam.convert_to_fam(base, block_size=8, fam_length=2, verify=False)
+    expected = [module.training for module in unchecked.modules()]
+    fam = hf_fam.convert_to_fam(base, block_size=8, fam_length=2)
+    assert [module.training for module in fam.modules()] == expected
 
 
 def test_flash_attention_is_refused_with_a_clear_error():

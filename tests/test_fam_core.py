@@ -18,7 +18,7 @@ def randomize_fam(fam, seed=0, std=1.0):
     the FAM path do something and a gate applied to the wrong layer shows."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        scale = fam.model.embed_tokens(torch.arange(8)).std()
+        scale = fam.get_input_embeddings()(torch.arange(8)).std()
         fam.fam_prompt.weight.copy_(torch.randn(fam.fam_prompt.weight.shape, generator=generator) * scale * std)
         if fam.fam_gate is not None:
             fam.fam_gate.weight.copy_(0.3 + torch.rand(fam.fam_gate.weight.shape, generator=generator))
