@@ -176,7 +176,7 @@ def load_fam_model(source, fam_settings: dict | None = None, dtype: str = "auto"
         if unknown:
             raise ValueError(f"Unknown FAM setting(s) {unknown} for converting {source}; convert_to_fam takes {sorted(accepted)}.")
         loaded = load_source(None if source is None else str(source), dtype=dtype)
-        model = convert_to_fam(loaded.model, **settings)
+        model = convert_to_fam(loaded.model, **{"tokenizer": loaded.tokenizer, **settings})  # tokenizer: the calibration's
         tokenizer, base_model = loaded.tokenizer, loaded.base_model
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)

@@ -27,7 +27,7 @@ from hf_fam.training_data import FamDataCollator
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune.py"
 CPU_CONFIG = ROOT / "recipes" / "configs" / "smollm2_135m_passkey_cpu.yaml"
-FAM = dict(block_size=16, memory_segments=0, fam_length=4)
+FAM = dict(block_size=16, memory_segments=0, fam_length=4, calibration_steps=0)  # calibration: test_calibration.py
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def tiny_overrides(model_dir, output_dir, **extra):
     values = {
         "output_dir": str(output_dir),
         "model.path": str(model_dir),
-        "model.fam": "{block_size: 16, memory_segments: 0, fam_length: 4}",
+        "model.fam": "{block_size: 16, memory_segments: 0, fam_length: 4, calibration_steps: 0}",
         "lora.r": 4,
         "lora.lora_alpha": 8,
         "task_options": "{key_digits: 2}",
