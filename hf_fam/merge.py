@@ -111,6 +111,7 @@ def merge_adapter(
     info = read_training_info(adapter_dir)
     source = base or info.get("model_source") or adapter.get("base_model_name_or_path")
     fam_settings = dict(info.get("fam_settings") or {})
+    calibration = fam_settings.pop("fam_calibration", None)  # a record of the conversion, not a setting
     if not is_fam_checkpoint(source):
         if not fam_settings:
             raise MergeError(
@@ -124,11 +125,14 @@ def merge_adapter(
         if dropped:
             logger.warning(f"FAM settings {dropped} are not options of convert_to_fam; they are left at their defaults.")
         fam_settings = {k: v for k, v in fam_settings.items() if k in accepted}
+        fam_settings["calibration_steps"] = 0  # the adapter carries the trained prompt
     else:
         # A FAM checkpoint carries its settings; the recorded ones only matter where the run overrode them.
         fam_settings = {k: v for k, v in fam_settings.items() if k in ("block_size", "memory_segments")}
     logger.info(f"Loading {source or 'the embedded default model'} ...")
     model, tokenizer, base_model = load_fam_model(source, fam_settings, dtype=dtype)
+    if calibration and model.config.fam_calibration is None:
+        model.config.fam_calibration = calibration
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, RuntimeError, KeyError) as error:

