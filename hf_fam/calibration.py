@@ -45,17 +45,6 @@ def calibration_ids(tokenizer, text: str | None = None) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def _bswa_twin(model):
-    """The same model without FAM (fam_length 0, same B and M), sharing every weight."""
-    from .conversion import convert_to_fam, unconvert
-
-    config = model.config
-    return convert_to_fam(
-        unconvert(model), block_size=config.block_size, memory_segments=config.memory_segments, fam_length=0,
-        calibration_steps=0, verify=False,
-    )
-
-
 def calibrate_fam_prompt(
     model,
     input_ids: torch.Tensor,
@@ -96,7 +85,9 @@ def calibrate_fam_prompt(
             f"The calibration text has {ids.numel()} tokens; it needs more than window={window}. Pass a longer text "
             "or a smaller window."
         )
-    reference = _bswa_twin(model)
+    from .conversion import bswa_twin
+
+    reference = bswa_twin(model)
     prompt = model.fam_prompt.weight
     device = prompt.device
     master = prompt.detach().float().clone().requires_grad_(True)
@@ -115,7 +106,6 @@ def calibrate_fam_prompt(
             x = ids[start : start + window].unsqueeze(0).to(device)
             with torch.no_grad():
                 target = reference(x, use_cache=False).logits.float().log_softmax(-1)
-            with torch.no_grad():
                 prompt.copy_(master.to(prompt.dtype))
             with torch.enable_grad():
                 output = model(x, use_cache=False).logits.float().log_softmax(-1)

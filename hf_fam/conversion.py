@@ -129,6 +129,14 @@ def convert_to_fam(
     return fam
 
 
+def bswa_twin(fam: FamForCausalLM) -> FamForCausalLM:
+    """`fam` without FAM: BSWA with the same B and M (fam_length 0), sharing every weight."""
+    config = fam.config
+    return convert_to_fam(
+        unconvert(fam), block_size=config.block_size, memory_segments=config.memory_segments, fam_length=0, verify=False
+    )
+
+
 def _calibrate(fam, steps, text, tokenizer, model_or_path, from_pretrained_kwargs) -> None:
     if tokenizer is None:
         source = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else fam.name_or_path
@@ -147,6 +155,11 @@ def _calibrate(fam, steps, text, tokenizer, model_or_path, from_pretrained_kwarg
             "tokens (is it a real tokenizer?). Pass tokenizer=..., or calibration_steps=0 to silence this."
         )
         return
+    if ids.numel() <= DEFAULT_WINDOW:
+        raise ValueError(
+            f"The calibration text (calibration_text= / --calibration-text) has {ids.numel()} tokens; the calibration "
+            f"reads windows of {DEFAULT_WINDOW}. Pass a longer text, or leave it out to use the default text."
+        )
     record = calibrate_fam_prompt(fam, ids, steps=steps)
     record["text"] = "pydoc_data.topics" if text is None else "user text"
     fam.config.fam_calibration = record

@@ -106,7 +106,7 @@ def load_fam(path: str | os.PathLike, dtype: str = "auto"):
 def comparison_variants(fam, compare: bool) -> list[Variant]:
     """[FAM] or, with `compare`, [base (full attention), BSWA (same B and M, fam_length 0), FAM], all sharing the FAM
     model's weights."""
-    from .conversion import convert_to_fam, unconvert
+    from .conversion import bswa_twin, unconvert
 
     fam_variant = Variant(FAM if fam.config.fam_length > 0 else BSWA, fam, True)
     if not compare:
@@ -114,8 +114,7 @@ def comparison_variants(fam, compare: bool) -> list[Variant]:
     base = unconvert(fam).eval()
     variants = [Variant(BASE, base, False, compared=True)]
     if fam.config.fam_length > 0:
-        bswa = convert_to_fam(base, block_size=fam.config.block_size, memory_segments=fam.config.memory_segments, fam_length=0)
-        variants.append(Variant(BSWA, bswa.eval(), True, compared=True))
+        variants.append(Variant(BSWA, bswa_twin(fam).eval(), True, compared=True))
     return variants + [fam_variant]
 
 

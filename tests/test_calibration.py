@@ -84,3 +84,10 @@ def test_calibration_refuses_what_it_cannot_do(tiny_tokenizer):
 def test_default_text_is_real_prose_shipped_with_python():
     text = default_calibration_text()
     assert len(text) > 100_000 and text.count(" the ") > 1_000
+
+
+def test_a_calibration_text_too_short_is_refused_saying_what_to_pass(tiny_tokenizer, tmp_path):
+    tiny_base("llama").save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="has [0-9]+ tokens; the calibration reads windows of 512. Pass a longer text"):
+        hf_fam.convert_to_fam(tmp_path / "base", **SETTINGS, calibration_text="The grass is green.")
