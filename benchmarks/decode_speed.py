@@ -34,7 +34,7 @@ def child(contexts: list[int], rounds: int, steps: int, warmup: int) -> list[dic
     from transformers import DynamicCache
 
     import hf_fam
-    from hf_fam.modeling_fam import _cache_argument
+    from hf_fam.modeling_fam import cache_argument_name
 
     base = load_model("base")
     models = {
@@ -43,7 +43,7 @@ def child(contexts: list[int], rounds: int, steps: int, warmup: int) -> list[dic
         "fam": hf_fam.convert_to_fam(base, **PAPER_SETTINGS, calibration_steps=0).eval(),  # speed only
     }
     # `cache` from transformers 5.24 on, `past_key_values` before
-    cache_name = {mode: _cache_argument(model) for mode, model in models.items()}
+    cache_name = {mode: cache_argument_name(model) for mode, model in models.items()}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (1, max(contexts)), generator=generator)
     streams, prefill = {}, {}

@@ -61,7 +61,7 @@ def base_nll(model, ids: torch.Tensor, chunk: int) -> list[float]:
     import hf_fam.modeling_fam as modeling
 
     cache, nll, last = DynamicCache(), [], None
-    argument = modeling._cache_argument(model.model.layers[0])
+    argument = modeling.cache_argument_name(model.model.layers[0])
     for start in range(0, ids.shape[1], chunk):
         piece = ids[:, start : start + chunk]
         logits = model(piece, use_cache=True, **{argument: cache}).logits[0].float()

@@ -48,7 +48,7 @@ def _scored_sums(mode: str, model, chunks):
     from transformers import DynamicCache
 
     import hf_fam
-    from hf_fam.modeling_fam import _cache_argument
+    from hf_fam.modeling_fam import cache_argument_name
 
     if mode != "base":
         cache = model.new_cache()
@@ -60,7 +60,7 @@ def _scored_sums(mode: str, model, chunks):
     last = None
     for piece in chunks:
         total = 0.0
-        hidden = model.model(piece[None], **{_cache_argument(model.model): cache}, use_cache=True).last_hidden_state[0]
+        hidden = model.model(piece[None], **{cache_argument_name(model.model): cache}, use_cache=True).last_hidden_state[0]
         for first in range(0, len(piece) - 1, LOGITS_SLICE):  # the head a slice at a time, as the helper does
             end = min(first + LOGITS_SLICE, len(piece) - 1)
             logits = model.lm_head(hidden[first:end]).float()

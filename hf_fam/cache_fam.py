@@ -171,6 +171,18 @@ class FamCache(Cache):
             hidden_size=config.hidden_size,
         )
 
+    @staticmethod
+    def bytes_per_stream(config, element_size: int = 4) -> int:
+        """Bytes a full cache of a model with `config` (a `FamConfig`) holds per stream (batch row), with tensors of
+        `element_size` bytes: in every layer, keys and values of F FAM slots and (M+1)*B window slots, and the FAM
+        state (F, hidden). Counters (a few integers per row) are left out."""
+        text = config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        slots = config.fam_length + (config.memory_segments + 1) * config.block_size
+        per_layer = 2 * slots * kv_heads * head_dim + config.fam_length * config.hidden_size
+        return per_layer * config.num_hidden_layers * element_size
+
     # ----------------------------------------------------------------------------------------- identity checks
     def settings(self) -> dict[str, int]:
         return {

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 
+from .cache_fam import FamCache
 from .configuration_fam import FamConfig
 from .io_utils import CONVERTED_FIX, DamagedFileError, damaged_file_message
 
@@ -18,7 +19,6 @@ CARD_TEMPLATE = "templates/fam_model_card.md"
 # The tensors TransformerFAM adds to the base model: the FAM prompt and (gated update) one gate per layer.
 FAM_PARAMETER_KEYS = ("fam_prompt.weight", "fam_gate.weight")
 EVAL_RESULTS_FILE = "eval_results.json"
-_DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 def human_bytes(size: float) -> str:
@@ -37,12 +37,7 @@ def human_count(count: int) -> str:
 
 def stream_memory_bytes(config: FamConfig, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of FamCache per stream (batch row): window of (M+1)B keys/values, FAM keys/values and state, all layers."""
-    text = config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    per_layer = (config.memory_segments + 1) * config.block_size * kv_heads * head_dim * 2
-    per_layer += config.fam_length * (kv_heads * head_dim * 2 + text.hidden_size)
-    return per_layer * text.num_hidden_layers * _DTYPE_BYTES.get(dtype, 4)
+    return FamCache.bytes_per_stream(config, dtype.itemsize)
 
 
 def bswa_receptive_field(config: FamConfig) -> int:

@@ -18,8 +18,10 @@ from pathlib import Path
 from . import __version__
 
 
+# Copies of hf_fam.configuration_fam's DEFAULT_* and hf_fam.calibration.DEFAULT_STEPS, for the help text: importing
+# those modules imports torch, which `hf-fam --help` should not wait for (tests/test_cli.py checks they agree).
 DEFAULT_BLOCK_SIZE, DEFAULT_MEMORY_SEGMENTS, DEFAULT_FAM_LENGTH = 1024, 3, 64
-DEFAULT_CALIBRATION_STEPS = 40  # hf_fam.calibration.DEFAULT_STEPS (not imported here: it imports torch)
+DEFAULT_CALIBRATION_STEPS = 40
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 

@@ -9,6 +9,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
+# The paper's settings (B, M, F), the defaults of FamConfig, `convert_to_fam` and `hf-fam convert`.
+DEFAULT_BLOCK_SIZE, DEFAULT_MEMORY_SEGMENTS, DEFAULT_FAM_LENGTH = 1024, 3, 64
+DEFAULT_FAM_UPDATE, DEFAULT_FAM_GATE_INIT = "gated", 0.1
 FAM_PROMPT_INITS = ("random_tokens", "token_ids", "normal")
 # How the FAM state S[l] follows a completed block: "replace" is the paper's rule 5 (the layer's output on the FAM
 # rows becomes the state); "gated" moves the state towards that output by a learnable per-layer gate g[l]:
@@ -81,14 +84,14 @@ class FamConfig(PreTrainedConfig):
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     text_config: dict | PreTrainedConfig | None = None
-    block_size: int = 1024
-    memory_segments: int = 3
-    fam_length: int = 64
+    block_size: int = DEFAULT_BLOCK_SIZE
+    memory_segments: int = DEFAULT_MEMORY_SEGMENTS
+    fam_length: int = DEFAULT_FAM_LENGTH
     fam_prompt_init: str = "random_tokens"
     fam_prompt_token_ids: list[int] | None = None
     fam_prompt_seed: int = 0
-    fam_update: str = "gated"
-    fam_gate_init: float = 0.1
+    fam_update: str = DEFAULT_FAM_UPDATE
+    fam_gate_init: float = DEFAULT_FAM_GATE_INIT
     fam_calibration: dict | None = None
 
     @classmethod

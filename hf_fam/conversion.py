@@ -10,7 +10,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging
 
 from .calibration import DEFAULT_STEPS, DEFAULT_WINDOW, calibrate_fam_prompt, calibration_ids
-from .configuration_fam import FamConfig, validate_fam_settings
+from .configuration_fam import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_FAM_GATE_INIT,
+    DEFAULT_FAM_LENGTH,
+    DEFAULT_FAM_UPDATE,
+    DEFAULT_MEMORY_SEGMENTS,
+    FamConfig,
+    validate_fam_settings,
+)
 from .modeling_fam import (
     REASON_SELF_CHECK,
     SUPPORTED_ATTENTION,
@@ -26,14 +34,14 @@ logger = logging.get_logger(__name__)
 def convert_to_fam(
     model_or_path: PreTrainedModel | str | os.PathLike,
     *,
-    block_size: int = 1024,
-    memory_segments: int = 3,
-    fam_length: int = 64,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    memory_segments: int = DEFAULT_MEMORY_SEGMENTS,
+    fam_length: int = DEFAULT_FAM_LENGTH,
     fam_prompt_init: str = "random_tokens",
     fam_prompt_token_ids: list[int] | None = None,
     fam_prompt_seed: int = 0,
-    fam_update: str = "gated",
-    fam_gate_init: float = 0.1,
+    fam_update: str = DEFAULT_FAM_UPDATE,
+    fam_gate_init: float = DEFAULT_FAM_GATE_INIT,
     verify: bool = True,
     calibration_steps: int = DEFAULT_STEPS,
     calibration_text: str | None = None,

@@ -19,7 +19,7 @@ import inspect
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 from torch import nn
@@ -314,28 +314,26 @@ class FamGate(nn.Module):
 
 @dataclass
 class _Segment:
-    """Columns [start, end) of the input in which no row crosses a block boundary.
+    """What every layer call of one segment (input columns in which no row crosses a block boundary) shares, built
+    once by `FamForCausalLM._plan_segment` on the control device (where the input and the cache's counters live).
 
-    Per-row tensors (b = batch), on the control device (where the input and the cache's counters live):
-    `token_index` (b, n) is each column's index in its row's stream, -1 for padding; `block` (b,) the 0-based index of
-    the row's current block; `completes` (b,) whether that block ends with this segment; `real_tokens` (b,) the row's
-    tokens in the segment; `writes` where their keys go in the cache. Attention reads the F FAM slots and the first
-    `span` window slots of the cache. `on(device)` gives what a layer call uses, on that layer's device.
+    Per-row tensors (b = batch): `completes` (b,) whether the row's current block ends with this segment;
+    `real_tokens` (b,) the row's tokens in the segment; `writes` where their keys go in the cache (the same slots in
+    every layer). `fam_rows`: whether the F FAM rows join the call; attention reads the F FAM slots and the first
+    `span` window slots of the cache. `masks` per sliding window (None: full attention), `position_embeddings` per
+    layer type, `routed_rows` the rows a mixture-of-experts load-balancing loss counts. `on(device)` gives what a
+    layer call uses, on that layer's device.
     """
 
-    start: int
-    end: int
-    token_index: torch.Tensor
-    block: torch.Tensor
     completes: torch.Tensor
     real_tokens: torch.Tensor
     fam_rows: bool
     span: int
-    writes: tuple = None
-    position_ids: torch.Tensor = None
-    masks: dict = None
-    position_embeddings: dict = None
-    routed_rows: torch.Tensor = None
+    writes: tuple
+    position_ids: torch.Tensor
+    masks: dict
+    position_embeddings: dict
+    routed_rows: torch.Tensor
     per_device: dict = field(default_factory=dict, repr=False)
 
     def on(self, device: torch.device) -> _SegmentOnDevice:
@@ -725,8 +723,14 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         with _recording_router_logits(self, output_router_logits) as recording:
-            hidden_states, all_hidden, cache = self._final_hidden_states(
-                input_ids, inputs_embeds, attention_mask, cache, fam_position_offset, fam_state, output_hidden_states
+            hidden_states, all_hidden, cache = self.final_hidden_states(
+                input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                fam_position_offset=fam_position_offset,
+                fam_state=fam_state,
+                output_hidden_states=output_hidden_states,
             )
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.logits_from_hidden_states(hidden_states[:, slice_indices, :])
@@ -750,11 +754,24 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             output = CausalLMOutputWithPast(**fields)
         return output if return_dict else output.to_tuple()
 
-    def _final_hidden_states(
-        self, input_ids, inputs_embeds, attention_mask, cache, fam_position_offset, fam_state, output_hidden_states
-    ):
-        """The decoder part of `forward`: the block rows' normed last hidden states (b, n, hidden), all hidden states
-        if asked, and the `FamCache` holding the continued streams."""
+    def final_hidden_states(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        *,
+        inputs_embeds: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        fam_position_offset: int | torch.Tensor | None = None,
+        fam_state: tuple[torch.Tensor, ...] | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, FamCache]:
+        """The decoder part of `forward`, without the head: for a caller that projects the hidden states itself (a
+        slice at a time with `logits_from_hidden_states`, or not at all).
+
+        Takes `forward`'s arguments of the same names. Returns the block rows' normed last hidden states
+        (b, n, hidden), all hidden states if `output_hidden_states` (else None), and the `FamCache` holding the
+        continued streams (the one passed, or a new one).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         self._check_attention_implementation()
@@ -919,7 +936,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
 
         outputs, hidden_per_layer = [], []
         for start, end in zip(bounds[:-1], bounds[1:]):
-            segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], start, end, inputs_embeds)
+            segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], inputs_embeds)
             hidden = inputs_embeds[:, start:end]
             seen = [hidden]
             for layer_idx, (layer, device) in enumerate(zip(self.decoder_layers, devices)):
@@ -939,7 +956,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             all_hidden = None if all_hidden is None else tuple(layout.scatter(h, columns) for h in all_hidden)
         return hidden, all_hidden
 
-    def _plan_segment(self, cache: FamCache, token_index, real, start, end, inputs_embeds) -> _Segment:
+    def _plan_segment(self, cache: FamCache, token_index, real, inputs_embeds) -> _Segment:
         B, M, F = self.config.block_size, self.config.memory_segments, self.config.fam_length
         device = token_index.device
         count_before = cache.token_count
@@ -951,8 +968,6 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         # cached yet for the current block (rule 3); otherwise their cached keys/values serve the block rows.
         fam_rows = F > 0 and bool(completes.any() or not cache.fam_kv_fresh.all())
         span = cache.window_span(count_after)
-        segment = _Segment(start, end, token_index, block, completes, real_tokens, fam_rows, span)
-        segment.writes = cache.token_writes(token_index)  # the same slots in every layer
 
         batch = token_index.shape[0]
         fam_index = torch.full((batch, F), _FAM, dtype=torch.long, device=device)
@@ -962,20 +977,28 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         fam_positions = block[:, None] * B - F + torch.arange(F, device=device)  # rule 2
         token_positions = token_index.clamp(min=0)
         positions = torch.cat([fam_positions, token_positions], 1) if fam_rows else token_positions
-        segment.position_ids = positions + cache.position_offset[:, None]
+        position_ids = positions + cache.position_offset[:, None]
 
-        segment.masks = {}
-        for window in set(self._layer_windows()):
+        masks = {}
+        for window in set(self._layer_windows):
             mask_function = _fam_mask_function(query_index, key_index, block, B, M, window)
-            segment.masks[window] = self._build_mask(
+            masks[window] = self._build_mask(
                 mask_function, batch, query_index.shape[1], key_index.shape[1], inputs_embeds.dtype, device
             )
-        segment.position_embeddings = self._position_embeddings(inputs_embeds, segment.position_ids)
         # rows whose router logits count for a mixture-of-experts load-balancing loss: FAM rows of rows that have
         # tokens in this segment, and real tokens
         has_tokens = (real_tokens > 0)[:, None].expand(-1, F)
-        segment.routed_rows = torch.cat([has_tokens, token_index >= 0], 1) if fam_rows else token_index >= 0
-        return segment
+        return _Segment(
+            completes=completes,
+            real_tokens=real_tokens,
+            fam_rows=fam_rows,
+            span=span,
+            writes=cache.token_writes(token_index),
+            position_ids=position_ids,
+            masks=masks,
+            position_embeddings=self._position_embeddings(inputs_embeds, position_ids),
+            routed_rows=torch.cat([has_tokens, token_index >= 0], 1) if fam_rows else token_index >= 0,
+        )
 
     def _block_layer(self, layer, layer_idx: int, hidden, segment: _SegmentOnDevice, cache: FamCache, gates=None):
         """Rules 2, 3, 5 and 6 for one decoder layer on one block segment. `hidden`, `segment` and the layer's share
@@ -1016,7 +1039,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             output = self._call_layer(
                 layer,
                 rows,
-                segment.masks[self._layer_windows()[layer_idx]],
+                segment.masks[self._layer_windows[layer_idx]],
                 segment.position_embeddings[self.layer_types[layer_idx]],
                 segment.position_ids,
                 key_values,
@@ -1031,14 +1054,16 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
             position_ids=position_ids,
-            **{_cache_argument(layer): block_cache},
+            **{cache_argument_name(layer): block_cache},
             **_unused_required_arguments(layer),
         )
         return output[0] if isinstance(output, tuple) else output
 
     # --------------------------------------------------------------------------------- masks and positions
+    @cached_property
     def _layer_windows(self) -> list[int | None]:
-        """The base model's own sliding window of each layer (rule 4), None for full-attention layers."""
+        """The base model's own sliding window of each layer (rule 4), None for full-attention layers (worked out
+        once: it is read by every layer call)."""
         window = getattr(self.config.text_config, "sliding_window", None)
         return [window if kind == "sliding_attention" else None for kind in self.layer_types]
 
@@ -1184,9 +1209,9 @@ def _register_peft_targets(model_type: str) -> None:
         table[FamConfig.model_type] = targets
 
 
-def _cache_argument(layer) -> str:
-    """The name under which `layer` takes its cache: `cache` from transformers 5.24 on, `past_key_values` before (a
-    few families keep older names)."""
+def cache_argument_name(layer) -> str:
+    """The keyword under which `layer` (a decoder layer, or a model such as the base model) takes its cache: `cache`
+    from transformers 5.24 on, `past_key_values` before (a few families keep older names)."""
     kind = type(layer)
     if kind not in _CACHE_ARGUMENT:
         parameters = inspect.signature(kind.forward).parameters
@@ -1210,7 +1235,7 @@ def _unused_required_arguments(layer) -> dict:
             for p in parameters[1:]  # after the hidden states
             if p.default is inspect.Parameter.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.name not in _PASSED_TO_LAYERS + (_cache_argument(layer),)
+            and p.name not in _PASSED_TO_LAYERS + (cache_argument_name(layer),)
         }
     return _UNUSED_REQUIRED[kind]
 
@@ -1252,5 +1277,6 @@ __all__ = [
     "FamPrompt",
     "FamilyAdapter",
     "UnsupportedArchitectureError",
+    "cache_argument_name",
     "causal_lm_families",
 ]

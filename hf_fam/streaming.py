@@ -42,12 +42,6 @@ def _chunks(token_chunks, device, show_progress: bool, desc: str) -> Iterator[to
 _LOGITS_SLICE = 256  # tokens whose logits are computed at once by stream_log_likelihood
 
 
-def _final_hidden_states(model, ids: torch.Tensor, cache: FamCache) -> torch.Tensor:
-    """The normed last hidden states (batch, n, hidden) of a chunk continuing `cache`'s streams (no logits)."""
-    hidden, _, _ = model._final_hidden_states(ids, None, None, cache, None, None, False)
-    return hidden
-
-
 def _token_log_likelihoods(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] for (..., vocab) logits and (...) targets, without a second vocab-sized tensor."""
     logits = logits.float()
@@ -79,7 +73,7 @@ def stream_log_likelihood(
     cache = _stream_cache(model, cache)
     last = None  # logits of the previous chunk's last token: they predict this chunk's first token
     for ids in _chunks(token_chunks, _input_device(model), show_progress, "scoring"):
-        hidden = _final_hidden_states(model, ids, cache)
+        hidden, _, _ = model.final_hidden_states(ids, cache=cache)
         scored = [] if last is None else [_token_log_likelihoods(last, ids[:, :1])]
         # the head a slice at a time: a chunk's (n, vocab) logits are never held at once
         for start in range(0, ids.shape[1] - 1, _LOGITS_SLICE):
@@ -101,4 +95,4 @@ def stream_hidden_states(
     """The final (normed) hidden states of each chunk of a stream, (batch, n, hidden_size), in constant memory."""
     cache = _stream_cache(model, cache)
     for ids in _chunks(token_chunks, _input_device(model), show_progress, "encoding"):
-        yield _final_hidden_states(model, ids, cache)
+        yield model.final_hidden_states(ids, cache=cache)[0]

@@ -463,8 +463,10 @@ class FamTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds `tokens_per_second`, `peak_memory_mib` and, where the data has answers (tokens of weight 1),
-        `answer_loss`, `answer_accuracy` and `answer_exact` (this process, since the last log) to training logs."""
+        """Adds `tokens_per_second`, `peak_memory_mib`, where the data has answers (tokens of weight 1)
+        `answer_loss`, `answer_accuracy` and `answer_exact` (this process, since the last log), and with the gated
+        update the mean of the per-layer gates, `fam_gate_mean` (whether training opens or closes the memory), to
+        training logs."""
         if "loss" in logs:
             sums = self._answer_sums
             if sums["tokens"]:
@@ -477,6 +479,9 @@ class FamTrainer(Trainer):
                 logs["tokens_per_second"] = round(self._tokens_since_log / (now - self._time_of_log), 2)
             self._time_of_log, self._tokens_since_log = now, 0
             logs["peak_memory_mib"] = round(peak_memory_mib(self.args.device), 1)
+            gate = unwrap_fam_model(self.model).fam_gate
+            if gate is not None and gate.weight.numel() > 0:  # a ZeRO-3 shard of another process is empty
+                logs["fam_gate_mean"] = round(float(gate.weight.detach().float().mean()), 4)
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):
@@ -496,7 +501,10 @@ class CSVLoggerCallback(TrainerCallback):
     """Writes every training log (step, loss, learning rate, grad norm, tokens/s, peak memory, ...) as a row of
     `path` (main process only). On resume, rows after the resumed step are dropped, so the file is the run's history."""
 
-    COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mib", "num_input_tokens_seen"]
+    COLUMNS = [
+        "step", "epoch", "loss", "learning_rate", "grad_norm", "answer_loss", "answer_accuracy", "answer_exact",
+        "fam_gate_mean", "tokens_per_second", "peak_memory_mib", "num_input_tokens_seen",
+    ]
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

@@ -157,6 +157,18 @@ def test_help_explains_every_option(command):
         assert line.count("(default") <= 1, line
 
 
+def test_help_defaults_are_the_library_defaults():
+    """The CLI keeps copies of the defaults (importing their homes imports torch); they must not drift."""
+    from hf_fam import cli
+    from hf_fam.calibration import DEFAULT_STEPS
+    from hf_fam.configuration_fam import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
+
+    assert (cli.DEFAULT_BLOCK_SIZE, cli.DEFAULT_MEMORY_SEGMENTS, cli.DEFAULT_FAM_LENGTH) == (
+        DEFAULT_BLOCK_SIZE, DEFAULT_MEMORY_SEGMENTS, DEFAULT_FAM_LENGTH
+    )
+    assert cli.DEFAULT_CALIBRATION_STEPS == DEFAULT_STEPS
+
+
 # ------------------------------------------------------------------------------------------------ error paths
 def test_missing_source(tmp_path):
     result = hf_fam_cli("convert", tmp_path / "nope", tmp_path / "out")

@@ -106,6 +106,9 @@ def test_finetune_recipe_lowers_the_loss_and_saves_adapter_and_fam_parameters(fi
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     for step in log.values():  # every logged quantity is there
         assert float(step["learning_rate"]) > 0 and float(step["grad_norm"]) > 0 and float(step["peak_memory_mib"]) > 0
+        assert 0 <= float(step["answer_accuracy"]) <= 1 and float(step["answer_loss"]) > 0
+        assert step["fam_gate_mean"], "the gated update's gates are not logged"
+    assert float(log[8]["fam_gate_mean"]) != pytest.approx(0.1, abs=1e-6), "the gates did not train"  # fam_gate_init
     assert all(float(log[step]["tokens_per_second"]) > 0 for step in range(2, 9))
     assert list((finetune_run / "runs").rglob("events.out.tfevents.*")), "no tensorboard log"
 

@@ -9,7 +9,7 @@ from test_fam_core import randomize_fam
 
 import hf_fam
 from hf_fam import FamCache
-from hf_fam.modeling_fam import _cache_argument
+from hf_fam.modeling_fam import cache_argument_name
 
 
 _BASES = {}
@@ -135,6 +135,18 @@ def test_fam_state_save_and_restore_continues_the_stream_identically(tmp_path, f
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_bytes_per_stream_is_what_a_full_cache_holds(family):
+    """`FamCache.bytes_per_stream` (what `hf-fam info` and the model card report) against a real cache's tensors."""
+    model = fam_model(family, 4, 2, 3)
+    cache = model.new_cache()
+    with torch.no_grad():
+        for _ in range(6):  # 24 tokens: past the window of (M+1)B = 12, so every slot exists
+            model(random_ids(2, 4, seed=1), cache=cache)
+    held = sum(t.nbytes for layer in cache.layers for t in layer.tensors().values())
+    assert held == 2 * FamCache.bytes_per_stream(model.config, torch.float32.itemsize)
+
+
 def test_a_stream_state_of_an_older_slot_layout_is_refused(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -221,7 +233,7 @@ def test_base_model_refuses_a_fam_cache():
         cache = model(random_ids(1, 10), use_cache=True).past_key_values
         with pytest.raises(TypeError, match="FamForCausalLM"):
             base = _BASES[("llama", "eager")]
-            base(random_ids(1, 3), **{_cache_argument(base): cache})  # `cache` from 5.24 on, `past_key_values` before
+            base(random_ids(1, 3), **{cache_argument_name(base): cache})  # `cache` from 5.24 on, `past_key_values` before
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
