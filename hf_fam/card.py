@@ -41,8 +41,9 @@ def stream_memory_bytes(config: FamConfig, dtype: torch.dtype = torch.float32) -
 
 
 def bswa_receptive_field(config: FamConfig) -> int:
-    """Tokens that can reach a token through block sliding window attention alone: depth x (M+1) x B."""
-    return config.num_hidden_layers * (config.memory_segments + 1) * config.block_size
+    """Tokens that can reach a token through block sliding window attention alone, (layers x M + 1) x B: each layer
+    reaches M blocks further back than the one below it (M = 0: the token's own block)."""
+    return (config.num_hidden_layers * config.memory_segments + 1) * config.block_size
 
 
 def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:

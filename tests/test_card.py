@@ -56,7 +56,7 @@ def test_summary_counts_parameters_from_the_safetensors_headers(converted):
     facts = summarize(converted)
     assert facts["fam_parameters"] == 4 * 64 + 2 and facts["fam_update"] == "gated"  # prompt + a gate per layer
     assert facts["parameters"] == facts["base_parameters"] + 258
-    assert facts["bswa_receptive_field"] == 2 * 3 * 16
+    assert facts["bswa_receptive_field"] == (2 * 2 + 1) * 16
 
 
 def test_missing_embedded_default_says_how_to_install_it(monkeypatch):

@@ -128,7 +128,7 @@ def test_info_reports_settings_parameters_and_memory(base_folders, tmp_path):
     facts = json.loads(hf_fam_cli("info", out, "--json").stdout)
     base_parameters = sum(p.numel() for p in tiny_base("llama").parameters())
     assert facts["fam_parameters"] == 4 * 64 + 2 and facts["base_parameters"] == base_parameters  # prompt + 2 gates
-    assert facts["bswa_receptive_field"] == 2 * 3 * 8
+    assert facts["bswa_receptive_field"] == (2 * 2 + 1) * 8
     # window of (M+1)B keys and values per layer (2 kv heads x 16) + FAM keys/values and state, float32
     assert facts["stream_memory_bytes"] == 2 * (3 * 8 * 2 * 16 * 2 + 4 * (2 * 16 * 2 + 64)) * 4
 

@@ -6,6 +6,7 @@ from conftest import ATTENTION, FAMILIES, assert_logits_close, random_ids, tiny_
 from reference_fam import reference_logits
 
 import hf_fam
+from hf_fam.card import bswa_receptive_field
 
 
 def convert(base, **settings):
@@ -113,10 +114,12 @@ def test_fam_reaches_block_tokens_only_from_the_next_block(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_memory_reach_beyond_bswa_receptive_field(family):
-    """Changing token 0 changes logits beyond depth x (M+1) x B only through the FAM."""
+    """Changing token 0 changes logits from (depth x M + 1) x B on (`hf-fam info`'s receptive field) only through the
+    FAM; BSWA reaches the last block before that."""
     B, M = 4, 1
     depth = tiny_base(family).config.num_hidden_layers
-    receptive_field = depth * (M + 1) * B
+    receptive_field = (depth * M + 1) * B
+    assert receptive_field == bswa_receptive_field(convert(tiny_base(family), block_size=B, memory_segments=M, fam_length=2).config)
     length = receptive_field + 3 * B
     ids = random_ids(1, length)
     changed = ids.clone()
@@ -128,6 +131,8 @@ def test_memory_reach_beyond_bswa_receptive_field(family):
         far = (after[0, receptive_field:] - before[0, receptive_field:]).abs().max().item()
         if fam_length == 0:
             assert far == 0.0, f"BSWA reached {far} beyond its receptive field"
+            edge = (after[0, receptive_field - B : receptive_field] - before[0, receptive_field - B : receptive_field]).abs().max()
+            assert edge > 0, "BSWA did not reach the last block of its receptive field: the receptive field is overstated"
         else:
             assert far > 1e-4 * before.abs().max().item(), "FAM did not carry token 0 beyond the BSWA receptive field"
 
