@@ -37,10 +37,19 @@ from pathlib import Path
 import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from hf_fam.merge import read_training_info
 from hf_fam.recipe_config import ConfigError, load_config, parse_recipe_args
-from hf_fam.training import CSVLoggerCallback, FamTrainer, FamTrainingArguments, fam_module_names, load_fam_model
+from hf_fam.training import (
+    CSVLoggerCallback,
+    FamTrainer,
+    FamTrainingArguments,
+    fam_module_names,
+    is_fam_checkpoint,
+    load_fam_model,
+)
 from hf_fam.training_data import CurriculumStage, FamDataCollator, SyntheticTaskDataset, load_text_dataset
 
 
@@ -48,14 +57,39 @@ logger = logging.get_logger("hf_fam.recipes.finetune")
 TRAINER_FIELDS = {f.name for f in dataclasses.fields(FamTrainingArguments) if f.init}
 
 
-def build_model(model_config: dict, lora_config: dict):
-    """The FAM model with LoRA adapters; the FAM parameters are trained and saved with them."""
+def resumed_checkpoint(resume_from_checkpoint, output_dir: Path) -> Path | None:
+    """The checkpoint folder a run resumes from (`true`: the last one in output_dir, as the Trainer picks it), or None."""
+    if resume_from_checkpoint in (None, False, "", "false", "False"):
+        return None
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise ConfigError(f"resume_from_checkpoint=true, but {output_dir} holds no checkpoint-N folder to resume from.")
+        return Path(last)
+    return Path(resume_from_checkpoint)
+
+
+def build_model(model_config: dict, lora_config: dict, resume_from: Path | None = None):
+    """The FAM model with LoRA adapters; the FAM parameters are trained and saved with them.
+
+    When the run resumes from `resume_from` and converts its base model on the fly, the prompt calibration is skipped
+    (the checkpoint holds the trained prompt, which replaces whatever the conversion computed) and the calibration's
+    record is taken from the checkpoint's `fam_training.json`."""
+    fam_settings = dict(model_config.get("fam") or {})
+    calibration = None
+    if resume_from is not None and not is_fam_checkpoint(model_config.get("path")):
+        recorded = read_training_info(resume_from).get("fam_settings") or {}
+        calibration = recorded.get("fam_calibration")
+        fam_settings["calibration_steps"] = 0
+        logger.info(f"Resuming from {resume_from}: the FAM prompt comes from the checkpoint, so it is not calibrated again.")
     model, tokenizer, base_model = load_fam_model(
         model_config.get("path"),
-        fam_settings=model_config.get("fam") or {},
+        fam_settings=fam_settings,
         dtype=model_config.get("dtype", "auto"),
         attn_implementation=model_config.get("attn_implementation"),
     )
+    if calibration is not None:
+        model.config.fam_calibration = calibration
     for name, value in (model_config.get("text_config") or {}).items():
         # base configuration switches read at run time, e.g. mixtral's output_router_logits (router aux loss)
         setattr(model.config.text_config, name, value)
@@ -114,7 +148,8 @@ def main(argv=None) -> int:
     set_seed(args.seed)
 
     # 2.-3. model with LoRA adapters and trainable FAM parameters
-    model, tokenizer, base_model = build_model(config.get("model") or {}, config.get("lora") or {})
+    resume_from = resumed_checkpoint(args.resume_from_checkpoint, output_dir)
+    model, tokenizer, base_model = build_model(config.get("model") or {}, config.get("lora") or {}, resume_from)
     if args.should_log:
         model.print_trainable_parameters()
 
@@ -158,7 +193,7 @@ def main(argv=None) -> int:
     if args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
 
     # 6. the final adapter, FAM parameters and training state, next to the checkpoints
     trainer.save_model(str(output_dir))

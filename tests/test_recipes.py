@@ -91,11 +91,15 @@ def recipe_module():
     return module
 
 
+# the shared run calibrates its prompt (2 steps), so that resuming it shows the calibration is not run again
+CALIBRATED = {"model.fam": "{block_size: 16, memory_segments: 0, fam_length: 4, calibration_steps: 2}"}
+
+
 @pytest.fixture(scope="module")
 def finetune_run(tiny_model_dir, tmp_path_factory):
     """8 steps of recipes/finetune.py on the tiny model (checkpoints at steps 4 and 8)."""
     run_dir = tmp_path_factory.mktemp("finetune") / "run"
-    run_recipe(tiny_overrides(tiny_model_dir, run_dir))
+    run_recipe(tiny_overrides(tiny_model_dir, run_dir, **CALIBRATED))
     return run_dir
 
 
@@ -128,7 +132,10 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_runs_losses(finetune
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(finetune_run / "checkpoint-4", resumed / "checkpoint-4")
-    run_recipe(tiny_overrides(tiny_model_dir, resumed, resume_from_checkpoint="true", report_to="none"))
+    result = run_recipe(tiny_overrides(tiny_model_dir, resumed, resume_from_checkpoint="true", report_to="none", **CALIBRATED))
+    assert "Calibrating the FAM prompt" not in result.stderr, "the checkpoint holds the prompt: no calibration on resume"
+    recorded = [json.loads((run / "checkpoint-8" / "fam_training.json").read_text())["fam_settings"] for run in (finetune_run, resumed)]
+    assert recorded[0]["fam_calibration"]["steps"] == 2 and recorded[1] == recorded[0]  # the record is kept
     original, again = read_log(finetune_run), read_log(resumed)
     assert sorted(again) == [5, 6, 7, 8]
     for step in again:
