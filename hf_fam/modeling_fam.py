@@ -835,6 +835,13 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 f"is a 4D mask or a flex BlockMask (flash kernels take neither). Use one of {SUPPORTED_ATTENTION}, e.g. "
                 "model.set_attn_implementation('sdpa')."
             )
+        if implementation == "flex_attention" and not getattr(type(self.model), "_supports_flex_attn", False):
+            # transformers refuses this when the implementation is set; a configuration edited by hand gets here
+            raise ValueError(
+                f"attn_implementation='flex_attention' cannot be used with this model: its base family "
+                f"'{self.config.text_config.model_type}' ({type(self.model).__name__}) does not support flex attention "
+                "in transformers. Use 'eager' or 'sdpa', e.g. model.set_attn_implementation('sdpa')."
+            )
 
     def _flex_compile_settings(self, device: torch.device):
         """flex_attention on CPU: compile torch's kernel for static shapes only.

@@ -3,12 +3,15 @@ same mask functions) gives eager attention's logits, in one call and streamed, a
 
 Two ways of running torch's flex attention on CPU:
 - the compiled kernel (what transformers runs: torch.compile of flex_attention, inductor's C++ flex template, which
-  skips the blocks the BlockMask leaves out), for llama, with few distinct shapes: each shape costs a compilation;
+  skips the blocks the BlockMask leaves out), for llama, with few distinct shapes: each shape costs a compilation
+  (about 55 s of CPU for this test with an empty inductor cache, 10 s with a warm one), so it runs only when
+  HF_FAM_FLEX_KERNEL=1 (the default suite has a 15-minute budget);
 - flex attention with torch.compile forced eager (`torch.compiler.set_stance("force_eager")`): torch's unfused reference,
   which applies the same BlockMask's mask function to the full score matrix. It compiles nothing, so it covers more
   families (sliding windows, soft-capping, grouped-query attention), padding and chunk patterns cheaply.
 """
 
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 from conftest import assert_logits_close, random_ids, tiny_base
 from test_fam_core import randomize_fam
 from test_streaming import run_chunked
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AutoModelForCausalLM
 
 import hf_fam
@@ -48,6 +52,10 @@ def uncompiled():
     return torch.compiler.set_stance("force_eager")
 
 
+@pytest.mark.skipif(
+    os.environ.get("HF_FAM_FLEX_KERNEL") != "1",
+    reason="compiles torch's CPU flex kernel (about a minute with an empty inductor cache): set HF_FAM_FLEX_KERNEL=1",
+)
 def test_flex_kernel_equals_eager_one_call_and_streamed():
     """The compiled CPU kernel, GQA (4 query heads, 2 key/value heads), memory segments and FAM: 3 shapes (the S0 pass,
     the first block, the full window), all reused by the block-by-block stream."""
@@ -105,8 +113,18 @@ def test_flex_through_conversion_and_from_pretrained(tmp_path):
         fam.save_pretrained(tmp_path)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation=FLEX).eval()
         assert loaded.model.config._attn_implementation == FLEX
+        mask = loaded._build_mask(lambda b, h, q, k: k <= q, 1, 3, 3, torch.float32, ids.device)
+        assert isinstance(mask, BlockMask)  # what the layers get: no dense mask
         with torch.no_grad():
             actual = loaded(ids).logits
     with torch.no_grad(), attention(fam, "eager"):
         expected = fam(ids).logits
     assert_logits_close(actual, expected)
+
+
+def test_flex_is_refused_for_a_base_family_without_flex(monkeypatch):
+    fam = convert(tiny_base("llama"), block_size=4, memory_segments=0, fam_length=2)
+    monkeypatch.setattr(type(fam.model), "_supports_flex_attn", False)
+    fam.model.config._attn_implementation_internal = FLEX
+    with pytest.raises(ValueError, match="does not support flex attention.*'eager' or 'sdpa'"):
+        fam(random_ids(1, 6))
