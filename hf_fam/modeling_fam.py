@@ -5,8 +5,8 @@ memory", arXiv 2404.09173), implementing the rules of FAM_SPEC.md section 2.
 The base model's embedding, decoder layers, final norm and head are reused as they are. Per block t and layer l,
 the layer is called on the rows [S[l] ; X[l]_t] (FAM first, rule 2); the keys/values of the memory segments and of
 earlier parts of the current block reach its attention through the layer's cache argument (`cache.update`), which every supported
-attention module calls (rule 3); a 4D mask built with transformers' mask functions gives the attention pattern of
-rule 4; the layer's output on the FAM rows becomes S[l] when the block completes (rule 5); logits come from block
+attention module calls (rule 3); a mask built with transformers' mask interface (a 4D mask, or a flex BlockMask under
+flex_attention) gives the attention pattern of rule 4; the layer's output on the FAM rows becomes S[l] when the block completes (rule 5); logits come from block
 rows only (rule 6).
 
 This file travels into converted checkpoints (``trust_remote_code=True``), so it imports nothing but ``torch``,

@@ -26,6 +26,10 @@ import hf_fam
 
 
 FLEX = "flex_attention"
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),  # the unfused runs, on purpose
+    pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask"),  # transformers' call, not ours
+]
 
 
 def convert(base, block_size, memory_segments, fam_length):
@@ -128,3 +132,17 @@ def test_flex_is_refused_for_a_base_family_without_flex(monkeypatch):
     fam.model.config._attn_implementation_internal = FLEX
     with pytest.raises(ValueError, match="does not support flex attention.*'eager' or 'sdpa'"):
         fam(random_ids(1, 6))
+
+
+def test_flex_greedy_generation_matches_eager():
+    """generate() with flex: every step's logits equal the eager one-shot forward on the final text."""
+    fam = convert(tiny_base("llama"), block_size=4, memory_segments=1, fam_length=2)
+    ids = random_ids(1, 9, seed=2)
+    with uncompiled(), attention(fam, FLEX):
+        out = fam.generate(
+            ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    with torch.no_grad():
+        expected = fam(out.sequences).logits[0]
+    for step, logits in enumerate(out.logits):
+        assert_logits_close(logits[0], expected[9 - 1 + step], what=f"step {step}")
