@@ -227,7 +227,7 @@ def verify_conversion(fam: FamForCausalLM, base: PreTrainedModel, seed: int = 0)
     if implementation not in SUPPORTED_ATTENTION:
         logger.warning(
             f"The conversion self-check was skipped: attn_implementation='{implementation}' cannot run TransformerFAM. "
-            "Switch to 'sdpa' or 'eager' (model.set_attn_implementation) and call hf_fam.verify_conversion(fam, base)."
+            f"Switch to one of {SUPPORTED_ATTENTION} (model.set_attn_implementation) and call hf_fam.verify_conversion(fam, base)."
         )
         return float("nan")
     vocab = getattr(text_config, "vocab_size", None) or base.get_input_embeddings().num_embeddings

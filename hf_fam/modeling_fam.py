@@ -5,8 +5,8 @@ memory", arXiv 2404.09173), implementing the rules of FAM_SPEC.md section 2.
 The base model's embedding, decoder layers, final norm and head are reused as they are. Per block t and layer l,
 the layer is called on the rows [S[l] ; X[l]_t] (FAM first, rule 2); the keys/values of the memory segments and of
 earlier parts of the current block reach its attention through the layer's cache argument (`cache.update`), which every supported
-attention module calls (rule 3); a 4D mask built with transformers' mask functions gives the attention pattern of
-rule 4; the layer's output on the FAM rows becomes S[l] when the block completes (rule 5); logits come from block
+attention module calls (rule 3); a mask built with transformers' mask interface (a 4D mask, or a flex BlockMask under
+flex_attention) gives the attention pattern of rule 4; the layer's output on the FAM rows becomes S[l] when the block completes (rule 5); logits come from block
 rows only (rule 6).
 
 This file travels into converted checkpoints (``trust_remote_code=True``), so it imports nothing but ``torch``,
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 
@@ -37,7 +37,8 @@ from .configuration_fam import FamConfig
 
 logger = logging.get_logger(__name__)
 
-SUPPORTED_ATTENTION = ("eager", "sdpa")
+# flex_attention runs the same mask functions as a BlockMask (torch's kernel skips the blocks it masks out entirely).
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
 # Rotary types whose frequencies depend on the current call's length: fixed once per model (rule 7).
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 # Marker token index of FAM rows in the per-row index tables below; padding is -1, tokens are >= 0.
@@ -371,11 +372,19 @@ def _to_device(value, device):
     """`value` (a tensor, or a tuple/list/dict of them) on `device`; tensors already there are returned as they are."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
+    if _is_block_mask(value):  # flex_attention's mask: its tensors move together
+        return value if value.kv_num_blocks.device == torch.device(device) else value.to(device)
     if isinstance(value, dict):
         return {key: _to_device(item, device) for key, item in value.items()}
     if isinstance(value, (tuple, list)):
         return type(value)(_to_device(item, device) for item in value)
     return value
+
+
+def _is_block_mask(value) -> bool:
+    """Whether `value` is torch's flex-attention `BlockMask` (what transformers' flex_attention mask interface builds)."""
+    flex = sys.modules.get("torch.nn.attention.flex_attention")
+    return flex is not None and isinstance(value, flex.BlockMask)
 
 
 def _segment_bounds(real: torch.Tensor, token_count: torch.Tensor, block_size: int) -> list[int]:
@@ -488,7 +497,7 @@ class FamPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _supports_attention_backend = False
     _can_compile_fullgraph = False
     _is_stateful = True
@@ -790,12 +799,13 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                     "attention_mask covering the past and new columns); or pass the whole history as input_ids."
                 )
             raise ValueError("The input has no tokens (sequence length 0).")
-        cache = self._stream_cache(cache, batch, inputs_embeds, fam_position_offset, fam_state)
-        # Every layer's share of the cache on that layer's device, the counters on the input's (a no-op but for a
-        # cache restored elsewhere or a model whose layers moved).
-        cache.place(inputs_embeds.device, self.layer_devices(inputs_embeds.device))
-        real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
-        hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
+        with self._flex_compile_settings(inputs_embeds.device):
+            cache = self._stream_cache(cache, batch, inputs_embeds, fam_position_offset, fam_state)
+            # Every layer's share of the cache on that layer's device, the counters on the input's (a no-op but for a
+            # cache restored elsewhere or a model whose layers moved).
+            cache.place(inputs_embeds.device, self.layer_devices(inputs_embeds.device))
+            real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
+            hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
         hidden_states = self.final_norm(hidden_states)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
@@ -822,9 +832,30 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"attn_implementation='{implementation}' cannot be used with TransformerFAM, whose attention pattern "
-                f"is a 4D mask (flash kernels ignore those). Use one of {SUPPORTED_ATTENTION}, e.g. "
+                f"is a 4D mask or a flex BlockMask (flash kernels take neither). Use one of {SUPPORTED_ATTENTION}, e.g. "
                 "model.set_attn_implementation('sdpa')."
             )
+        if implementation == "flex_attention" and not getattr(type(self.model), "_supports_flex_attn", False):
+            # transformers refuses this when the implementation is set; a configuration edited by hand gets here
+            raise ValueError(
+                f"attn_implementation='flex_attention' cannot be used with this model: its base family "
+                f"'{self.config.text_config.model_type}' ({type(self.model).__name__}) does not support flex attention "
+                "in transformers. Use 'eager' or 'sdpa', e.g. model.set_attn_implementation('sdpa')."
+            )
+
+    def _flex_compile_settings(self, device: torch.device):
+        """flex_attention on CPU: compile torch's kernel for static shapes only.
+
+        transformers compiles flex attention with torch.compile's default, which recompiles with dynamic shapes once a
+        shape changes (here: every new segment length or window fill). torch 2.13's CPU flex kernel then can fail to
+        compile the masks hf-fam builds (its generated C++ names a size variable `cur_kvSplitSize<digit>` that does
+        not exist: the kernel renames its split-size symbols by plain string replacement, which also hits longer names
+        that start with the same characters). With static shapes the kernel compiles and matches eager attention; each
+        new shape costs a compilation, and past torch._dynamo's recompile limit torch runs flex attention unfused. On
+        CPU, sdpa is the faster choice anyway. Other devices use torch's default."""
+        if self.model.config._attn_implementation != "flex_attention" or torch.device(device).type != "cpu":
+            return nullcontext()
+        return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
 
     def _stream_cache(self, given, batch, inputs_embeds, fam_position_offset, fam_state) -> FamCache:
         if given is None or (isinstance(given, DynamicCache) and given.get_seq_length() == 0):
@@ -1079,6 +1110,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             dtype=dtype,
             device=device,
         )
+        if _is_block_mask(mask):  # flex_attention: the mask function compiled into block-sparse form
+            return mask
         if mask.dtype == torch.bool:
             # sdpa would turn a boolean mask into an additive one in every layer; do it once for all layers.
             mask = torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
