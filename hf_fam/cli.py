@@ -31,8 +31,10 @@ class CommandError(Exception):
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
-        # Show a default only where it says something: not for flags, not when the help text already explains it.
-        if action.default in (None, False) or "(default" in (action.help or ""):
+        # Show a default only where it says something: not for flags (a store_false flag such as --no-verify has the
+        # default True, which "(default: True)" would misstate as the flag being on), not when the help text already
+        # explains it.
+        if action.nargs == 0 or action.default in (None, False) or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

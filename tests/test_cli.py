@@ -153,6 +153,8 @@ def test_help_explains_every_option(command):
         assert "default: auto" in result.stdout
         assert "usage: hf-fam convert [options] [SOURCE] OUTPUT" in result.stdout
     assert "(default: None)" not in result.stdout and "(default: False)" not in result.stdout
+    # a flag shows no default: --no-verify's "(default: True)" read as if the self-check were skipped by default
+    assert "(default: True)" not in " ".join(result.stdout.split())
     for line in result.stdout.splitlines():
         assert line.count("(default") <= 1, line
 
