@@ -537,7 +537,8 @@ class FamPreTrainedModel(PreTrainedModel):
 class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
     """A pretrained causal LM run as TransformerFAM: block sliding window attention plus feedback attention memory.
 
-    State-dict keys are the base model's own (`model.*`, `lm_head.weight`) plus `fam_prompt.weight`.
+    State-dict keys are the base model's own (`model.*`, `lm_head.weight`) plus `fam_prompt.weight` and, with the gated
+    update, `fam_gate.weight`.
 
     Args:
         config ([`FamConfig`]): FAM settings and the base configuration.
