@@ -142,6 +142,24 @@ def test_presets_command_lists_every_preset():
     assert expected <= names
 
 
+def test_preset_receptive_fields_follow_the_formula():
+    """A preset that states a BSWA receptive field states (layers x M + 1) x B (qwen2.5-0.5b said 98k, from the old
+    layers x (M + 1) x B)."""
+    import re
+
+    from hf_fam.presets import load_preset, preset_names
+
+    checked = 0
+    for name in preset_names():
+        preset = load_preset(name)
+        found = re.search(r"(\d+) layers gives a BSWA receptive field of about (\d+)k tokens", preset.why)
+        if found:
+            layers, thousands = map(int, found.groups())
+            assert round((layers * preset.memory_segments + 1) * preset.block_size / 1000) == thousands, name
+            checked += 1
+    assert checked >= 1
+
+
 @pytest.mark.parametrize("command", ["convert", "info", "generate", "push", "presets"])
 def test_help_explains_every_option(command):
     result = hf_fam_cli(command, "--help")
