@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", default=None, help="the prompt text")
     prompt.add_argument("--prompt-file", default=None, help="read the prompt from this file ('-' for standard input)")
-    generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (fewer when the model ends its answer)")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     generate.add_argument("--question", default=None, help="with --prompt-file: text appended after the file's contents, after a blank line")
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -328,7 +328,7 @@ def cmd_info(args) -> int:
         f"TransformerFAM checkpoint: {path}",
         f"  FAM settings        block_size B={b}, memory_segments M={m}, fam_length F={f} (prompt init: {facts['fam_prompt_init']})",
         f"  FAM update          {facts['fam_update']}: "
-        + ("S <- S + g (new - S), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule 5)"),
+        + ("S <- S + g (new - S), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule; FAM_SPEC rule 5)"),
         "  prompt calibration  " + _calibration_text(facts.get("fam_calibration")),
         f"  base architecture   {facts['base_model_type']} {', '.join(facts['base_architectures'])} - {facts['num_hidden_layers']} layers, hidden size {facts['hidden_size']}, {facts['dtype']}",
         f"  parameters          {facts['parameters']:,} ({human_count(facts['parameters'])}) = base {facts['base_parameters']:,} + FAM {facts['fam_parameters']:,} "
@@ -349,9 +349,14 @@ def _read_prompt(args) -> str:
         text = sys.stdin.read()
     else:
         path = Path(args.prompt_file)
-        if not path.is_file():
+        if not path.exists():
             raise CommandError(f"--prompt-file {path} does not exist.")
-        text = path.read_text()
+        if not path.is_file():
+            raise CommandError(f"--prompt-file {path} is not a file (a folder?); pass a text file, or '-' for standard input.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CommandError(f"--prompt-file {path}: cannot read it as UTF-8 text ({error}).") from None
     if args.question:
         text = f"{text.rstrip()}\n\n{args.question}"
     if not text.strip():
@@ -385,12 +390,15 @@ def cmd_generate(args) -> int:
     hub_kwargs = {"local_files_only": True} if local_files_only else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+        if args.chat and not getattr(tokenizer, "chat_template", None):  # before the weights are loaded
+            raise CommandError(
+                f"--chat needs a tokenizer with a chat template, and the one in {path} has none; leave out --chat to "
+                "give the prompt as it is."
+            )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype), **hub_kwargs).eval()
     except OSError as error:
         raise CommandError(f"Could not load a model from {path}: {error}") from error
     if args.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise CommandError("--chat needs a tokenizer with a chat template, and this one has none.")
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )

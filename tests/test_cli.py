@@ -422,13 +422,24 @@ def test_generate_with_a_missing_prompt_file(base_folders, tmp_path):
     assert_clean_error(result, "does not exist")
 
 
+def test_generate_with_a_prompt_file_that_is_a_folder_or_not_text(tmp_path):
+    """A folder was reported as "does not exist"; bytes that are not UTF-8 gave a bare codec message."""
+    result = hf_fam_cli("generate", tmp_path, "--prompt-file", tmp_path)
+    assert_clean_error(result, "is not a file")
+    assert "does not exist" not in result.stderr
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert_clean_error(hf_fam_cli("generate", tmp_path, "--prompt-file", tmp_path / "latin1.txt"), "cannot read it as UTF-8 text")
+
+
 def test_convert_fam_update_flag_reaches_the_config_info_and_card(base_folders, tmp_path):
     out = tmp_path / "out"
     args = ("convert", base_folders["llama"], out, "--block-size", 8, "--fam-length", 2)
     assert hf_fam_cli(*args, "--fam-update", "replace").returncode == 0
     config = json.loads((out / "config.json").read_text())
     assert config["fam_update"] == "replace"
-    assert "FAM update          replace" in hf_fam_cli("info", out).stdout
+    info = hf_fam_cli("info", out).stdout
+    assert "FAM update          replace" in info
+    assert "FAM_SPEC rule 5" in info and "paper's rule 5" not in info  # the paper numbers no rules; the spec does
     assert "| `fam_update` | `replace` |" in (out / "README.md").read_text()
     gated = tmp_path / "gated"
     assert hf_fam_cli("convert", base_folders["llama"], gated, "--block-size", 8, "--fam-length", 2, "--fam-gate-init", 0.25).returncode == 0

@@ -251,6 +251,14 @@ def test_question_with_prompt_is_refused(folders):
     assert_clean_error(result, "--question goes with --prompt-file")
 
 
+def test_chat_without_a_chat_template_says_to_leave_out_chat(folders, tiny_tokenizer, tmp_path):
+    model = copy_of(folders["tiny-fam"], tmp_path / "model")
+    tiny_tokenizer.save_pretrained(model)
+    result = hf_fam_cli("generate", model, "--prompt", "Hello", "--chat", "--max-new-tokens", 1)
+    assert_clean_error(result, "needs a tokenizer with a chat template", "leave out --chat")
+    assert "Loading weights" not in result.stderr  # refused before the weights are read
+
+
 def test_block_size_beyond_max_position_embeddings_warns(folders, tmp_path):
     result = hf_fam_cli("convert", folders["tiny-llama"], tmp_path / "out", "--block-size", 1024, "--fam-length", 2)
     assert result.returncode == 0, result.stderr[-2000:]
