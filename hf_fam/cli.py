@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = _add_command(
         commands, "push", "upload a converted or fine-tuned folder to the Hub, regenerating its model card",
-        "Upload a converted or fine-tuned folder to the Hub, with a regenerated model card (README.md; base_model and "
-        "license are kept). The folder's README.md is replaced by the uploaded card only once the upload succeeded.",
+        "Upload a converted or fine-tuned folder to the Hub, with a regenerated model card (README.md; base_model, "
+        "license and a merged model's Training section are kept). The folder's README.md is replaced by the uploaded card only once the upload succeeded.",
     )
     push.add_argument("path", metavar="PATH", help="the folder to upload")
     push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. your-name/smollm2-135m-fam")

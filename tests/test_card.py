@@ -76,6 +76,19 @@ def test_rewriting_the_card_keeps_base_model_and_license(converted):
     assert data.base_model == "google/gemma-2b" and data.license == "gemma"
 
 
+def test_regenerating_the_card_of_a_merged_model_keeps_its_training_section(converted):
+    """`hf-fam push` regenerates the card; it dropped the Training table (base, data, steps, settings) of a merged
+    model, and the pushed card then said nothing of how the model was trained."""
+    from hf_fam.hub import model_card
+
+    training = {"base model": "me/base", "data": "synthetic passkey", "optimizer steps": 150, "LoRA": "r=16, alpha=32"}
+    write_model_card(converted, fine_tuned=True, training=training)
+    text = model_card(converted, repo_id="me/merged").text
+    for name, value in training.items():
+        assert f"| {name} | {value} |" in text, name
+    assert "The memory was trained together with the model" in " ".join(text.split())
+
+
 def test_summary_counts_parameters_from_the_safetensors_headers(converted):
     facts = summarize(converted)
     assert facts["fam_parameters"] == 4 * 64 + 2 and facts["fam_update"] == "gated"  # prompt + a gate per layer
