@@ -196,6 +196,10 @@ def test_eval_bad_inputs_are_one_paragraph_and_write_nothing(fam_dir, tmp_path, 
         (("perplexity", fam_dir, "--text", tmp_path / "missing.txt"), "missing.txt does not exist"),
         (("perplexity", fam_dir, "--text", text_file, "--bucket", 0), "--bucket"),
         (("passkey", tmp_path / "nowhere"), "nowhere does not exist"),
+        # a folder as --text was reported as missing; --key-digits 0 failed inside the task with "digits must be..."
+        (("perplexity", fam_dir, "--text", tmp_path), "is not a file (a folder?)"),
+        (("passkey", fam_dir, "--key-digits", 0), "--key-digits must be at least 1, got 0"),
+        (("passkey", fam_dir, "--lengths", "1k,-5"), "--lengths values must be token counts >= 0"),
     ]
     base = tmp_path / "base"
     tiny_base("llama").save_pretrained(base)
