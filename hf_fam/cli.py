@@ -247,8 +247,11 @@ def cmd_convert(args) -> int:
     from .hub import push_folder, write_model_card
 
     calibration_steps = args.calibration_steps if settings["fam_length"] > 0 else 0
-    if calibration_steps and loaded.tokenizer is None:
-        _progress("The source has no tokenizer: the FAM prompt is not calibrated (--calibration-steps needs one).")
+    if loaded.tokenizer is None:
+        _progress(
+            f"The source has no tokenizer: {output} gets none (copy the base model's tokenizer files into it before "
+            "generating text)" + ("; the FAM prompt is not calibrated (--calibration-steps needs one)." if calibration_steps else ".")
+        )
         calibration_steps = 0
     elif calibration_steps:
         _progress(f"Calibrating the FAM prompt ({calibration_steps} steps against BSWA; --calibration-steps 0 skips) ...")

@@ -434,7 +434,10 @@ def test_generate_with_a_prompt_file_that_is_a_folder_or_not_text(tmp_path):
 def test_convert_fam_update_flag_reaches_the_config_info_and_card(base_folders, tmp_path):
     out = tmp_path / "out"
     args = ("convert", base_folders["llama"], out, "--block-size", 8, "--fam-length", 2)
-    assert hf_fam_cli(*args, "--fam-update", "replace").returncode == 0
+    result = hf_fam_cli(*args, "--fam-update", "replace")
+    assert result.returncode == 0
+    # the base folder has no tokenizer: the output has none either, and the user is told so
+    assert f"The source has no tokenizer: {out} gets none" in " ".join(result.stderr.split()) and not (out / "tokenizer.json").exists()
     config = json.loads((out / "config.json").read_text())
     assert config["fam_update"] == "replace"
     info = hf_fam_cli("info", out).stdout
