@@ -419,7 +419,8 @@ def cmd_generate(args) -> int:
     new_tokens = output.shape[1] - prompt_tokens
     first = streamer.first_token_time or end
     decode_rate = (new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else float("nan")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
     _progress(
         f"\n{new_tokens} tokens generated; prefill {prompt_tokens} tokens in {first - start:.2f} s; "
         f"decoding {decode_rate:.1f} tokens/s; peak memory {peak:,.0f} MiB (resident)."
