@@ -282,7 +282,7 @@ def _layer_types(config) -> list[str]:
 
 class FamPrompt(nn.Module):
     """The learnable FAM prompt P (rule 1): `weight` is (fam_length, hidden_size), in the output space of
-    `embed_tokens`. It is the only tensor TransformerFAM adds to the base model."""
+    `embed_tokens`. With the gated update, `FamGate` is the other tensor TransformerFAM adds to the base model."""
 
     def __init__(self, fam_length: int, hidden_size: int):
         super().__init__()

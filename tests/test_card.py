@@ -87,6 +87,11 @@ def test_regenerating_the_card_of_a_merged_model_keeps_its_training_section(conv
     for name, value in training.items():
         assert f"| {name} | {value} |" in text, name
     assert "The memory was trained together with the model" in " ".join(text.split())
+    # a run that trained no FAM parameter: the card does not say the memory was trained
+    write_model_card(converted, fine_tuned=True, training={**training, "FAM parameters trained": "none"})
+    flat = " ".join(model_card(converted).text.split())
+    assert "trained together" not in flat and "The fine-tuning did not train it" in flat
+    assert "the FAM prompt trained with it" not in flat
 
 
 def test_summary_counts_parameters_from_the_safetensors_headers(converted):
