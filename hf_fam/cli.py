@@ -217,6 +217,9 @@ def cmd_convert(args) -> int:
     from .sources import load_source, source_paths
 
     source, output, preset, settings = _resolve_convert_settings(args)
+    if args.revision is not None and (source is None or args.gguf_file or Path(source).expanduser().exists()):
+        what = "the embedded default" if source is None else f"{source}, a local path,"
+        raise CommandError(f"--revision picks a revision of a Hub SOURCE, and {what} has none; leave out --revision.")
     if args.push_to_hub:
         from .hub import check_can_push
 

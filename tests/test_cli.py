@@ -417,6 +417,14 @@ def test_generate_streams_text_and_reports_speed(converted_smollm2):
     assert "tokens/s" in result.stderr and "peak memory" in result.stderr
 
 
+def test_revision_of_a_local_source_is_refused(tmp_path):
+    """--revision was silently ignored for a local folder, a .gguf file or the embedded default."""
+    (tmp_path / "src").mkdir()
+    result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--revision", "v2")
+    assert_clean_error(result, "a local path, has none; leave out --revision")
+    assert not (tmp_path / "out").exists()
+
+
 def test_generate_with_a_missing_prompt_file(base_folders, tmp_path):
     result = hf_fam_cli("generate", base_folders["llama"], "--prompt-file", tmp_path / "missing.txt")
     assert_clean_error(result, "does not exist")
