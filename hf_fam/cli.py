@@ -274,7 +274,9 @@ def cmd_convert(args) -> int:
         _progress(f"  mean KL to BSWA per token: {record['kl_first']:.4f} (first steps) -> {record['kl_last']:.4f} (last steps)")
     elif calibration_steps:
         _progress("  not calibrated: the source's tokenizer gives too few tokens for the calibration text (see the warning).")
-    license = loaded.license or (preset.license if preset else None)
+    # The preset's license is the license of the preset's model: it says nothing of another SOURCE converted with the
+    # preset's settings.
+    license = loaded.license or (preset.license if preset and source == preset.hub_id else None)
     _progress(f"Writing {output} ...")
     with atomic_directory(output, overwrite=args.overwrite) as tmp:
         fam.save_pretrained(tmp, max_shard_size=args.max_shard_size)
