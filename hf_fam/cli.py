@@ -217,6 +217,8 @@ def cmd_convert(args) -> int:
     from .sources import load_source, source_paths
 
     source, output, preset, settings = _resolve_convert_settings(args)
+    if args.private and not args.push_to_hub:
+        raise CommandError("--private applies to the repository --push-to-hub creates; add --push-to-hub REPO_ID, or leave out --private.")
     if args.revision is not None and (source is None or args.gguf_file or Path(source).expanduser().exists()):
         what = "the embedded default" if source is None else f"{source}, a local path,"
         raise CommandError(f"--revision picks a revision of a Hub SOURCE, and {what} has none; leave out --revision.")
