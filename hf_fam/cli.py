@@ -425,12 +425,15 @@ def cmd_generate(args) -> int:
     end = time.perf_counter()
     new_tokens = output.shape[1] - prompt_tokens
     first = streamer.first_token_time or end
-    decode_rate = (new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else float("nan")
+    if new_tokens > 1 and end > first:  # the first token comes out of the prefill: the rate is over the others
+        decoding = f"decoding {(new_tokens - 1) / (end - first):.1f} tokens/s"
+    else:
+        decoding = "no decoding rate (one token, from the prefill)"
     # ru_maxrss is in KiB on Linux, in bytes on macOS
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
     _progress(
-        f"\n{new_tokens} tokens generated; prefill {prompt_tokens} tokens in {first - start:.2f} s; "
-        f"decoding {decode_rate:.1f} tokens/s; peak memory {peak:,.0f} MiB (resident)."
+        f"\n{new_tokens} token{'' if new_tokens == 1 else 's'} generated; prefill {prompt_tokens} tokens in {first - start:.2f} s; "
+        f"{decoding}; peak memory {peak:,.0f} MiB (resident)."
     )
     return 0
 

@@ -251,12 +251,16 @@ def test_question_with_prompt_is_refused(folders):
     assert_clean_error(result, "--question goes with --prompt-file")
 
 
-def test_chat_without_a_chat_template_says_to_leave_out_chat(folders, tiny_tokenizer, tmp_path):
+def test_chat_without_a_chat_template_and_a_one_token_answer(folders, tiny_tokenizer, tmp_path):
     model = copy_of(folders["tiny-fam"], tmp_path / "model")
     tiny_tokenizer.save_pretrained(model)
     result = hf_fam_cli("generate", model, "--prompt", "Hello", "--chat", "--max-new-tokens", 1)
     assert_clean_error(result, "needs a tokenizer with a chat template", "leave out --chat")
     assert "Loading weights" not in result.stderr  # refused before the weights are read
+    # one new token: there is no decoding rate to report (it printed "decoding nan tokens/s")
+    result = hf_fam_cli("generate", model, "--prompt", "Hello", "--max-new-tokens", 1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 token generated;" in result.stderr and "no decoding rate" in result.stderr and "nan" not in result.stderr
 
 
 def test_block_size_beyond_max_position_embeddings_warns(folders, tmp_path):
