@@ -206,6 +206,9 @@ def _resolve_convert_settings(args):
 def _read_calibration_text(path) -> str | None:
     if path is None:
         return None
+    if not Path(path).is_file():
+        what = "is not a file (a folder?)" if Path(path).exists() else "does not exist"
+        raise CommandError(f"--calibration-text {path} {what}; pass a UTF-8 text file, or leave the option out to calibrate on the default text.")
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

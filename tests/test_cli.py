@@ -418,12 +418,16 @@ def test_generate_streams_text_and_reports_speed(converted_smollm2):
     assert "tokens/s" in result.stderr and "peak memory" in result.stderr
 
 
-def test_options_that_would_be_ignored_are_refused(tmp_path):
+def test_convert_option_mistakes_are_refused_before_loading(tmp_path):
     """--revision was silently ignored for a local folder, a .gguf file or the embedded default."""
     (tmp_path / "src").mkdir()
     result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--revision", "v2")
     assert_clean_error(result, "a local path, has none; leave out --revision")
     assert not (tmp_path / "out").exists()
+    # a missing --calibration-text was reported as "cannot read it as UTF-8 text"
+    result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--calibration-text", tmp_path / "missing.txt")
+    assert_clean_error(result, "missing.txt does not exist")
+    assert "UTF-8" not in result.stderr.split("does not exist")[0]
     # --private without --push-to-hub was silently ignored too
     result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--private")
     assert_clean_error(result, "--private applies to the repository --push-to-hub creates")
