@@ -54,7 +54,7 @@ def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"No .safetensors weights in {folder}")
+        raise FileNotFoundError(f"No .safetensors weights in {folder} (only its config?). {CONVERTED_FIX}")
     total = fam = 0
     for file in files:
         try:

@@ -263,6 +263,12 @@ def test_chat_without_a_chat_template_and_a_one_token_answer(folders, tiny_token
     assert "1 token generated;" in result.stderr and "no decoding rate" in result.stderr and "nan" not in result.stderr
 
 
+def test_info_on_a_folder_without_weights_says_what_to_do(folders, tmp_path):
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_bytes((folders["tiny-fam"] / "config.json").read_bytes())
+    assert_clean_error(hf_fam_cli("info", tmp_path / "config-only"), "No .safetensors weights in", "hf-fam convert")
+
+
 def test_block_size_beyond_max_position_embeddings_warns(folders, tmp_path):
     result = hf_fam_cli("convert", folders["tiny-llama"], tmp_path / "out", "--block-size", 1024, "--fam-length", 2)
     assert result.returncode == 0, result.stderr[-2000:]
