@@ -238,6 +238,7 @@ def run_passkey(
         raise EvaluationError("Give at least one length (--lengths) and one depth (--depths).")
     if key_digits < 1:
         raise EvaluationError(f"--key-digits must be at least 1, got {key_digits}.")
+    _plt()  # before any model runs: the plot is written after the first length
     output, fam, tokenizer, variants, chunk_size = _prepare(path, output, dtype, compare, chunk_size)
     document = {
         "task": "passkey",
@@ -328,7 +329,10 @@ def _plt():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise EvaluationError("The plots need matplotlib: pip install 'hf-fam[eval]'.") from error
+        raise EvaluationError(
+            "The evaluation's plots need matplotlib, which is not installed: pip install matplotlib (or install "
+            "hf-fam with its eval extra)."
+        ) from error
     return plt
 
 
@@ -429,6 +433,7 @@ def run_perplexity(
     if max_tokens is not None and max_tokens < 2:
         raise EvaluationError(f"--max-tokens must be at least 2, got {max_tokens}.")
     _check_text_file(Path(text_file))
+    _plt()  # before any model runs: the curve is written after the first bucket
     output, fam, tokenizer, variants, chunk_size = _prepare(path, output, dtype, compare, chunk_size)
     ids, text_name = read_text_tokens(tokenizer, text_file, max_tokens)
     document = {

@@ -251,7 +251,7 @@ def test_convert_no_verify_skips_the_self_check(base_folders, tmp_path, monkeypa
         (["--fam-prompt-init", "zeros"], "--fam-prompt-init"),
         (["--preset", "no-such-model"], "No preset named 'no-such-model'"),
         (["--calibration-steps", "-1"], "--calibration-steps must be >= 0"),
-        (["--calibration-text", "no-such-file.txt"], "--calibration-text no-such-file.txt: cannot read it"),
+        (["--calibration-text", "no-such-file.txt"], "--calibration-text no-such-file.txt does not exist"),
     ],
 )
 def test_bad_numbers_and_names(flags, fragment, base_folders, tmp_path):
