@@ -378,7 +378,7 @@ def _read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .io_utils import CONVERTED_FIX, check_weights_folder
+    from .io_utils import CONVERTED_FIX, check_tokenizer_folder, check_weights_folder
     from .sources import check_hub_model, resolve_dtype
 
     if args.max_new_tokens < 1:
@@ -395,6 +395,7 @@ def cmd_generate(args) -> int:
         if not (Path(path) / "config.json").is_file():
             raise CommandError(f"{path} is not a model folder (it has no config.json); pass a folder written by `hf-fam convert`.")
         check_weights_folder(path, CONVERTED_FIX)
+        check_tokenizer_folder(path)
     else:
         local_files_only = check_hub_model(path)
     import torch

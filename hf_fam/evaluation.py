@@ -89,9 +89,14 @@ def load_fam(path: str | os.PathLike, dtype: str = "auto"):
     """The FamForCausalLM and tokenizer of a converted folder (or Hub id), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .io_utils import check_tokenizer_folder
     from .modeling_fam import FamForCausalLM
     from .sources import resolve_dtype
 
+    try:
+        check_tokenizer_folder(path)
+    except FileNotFoundError as error:
+        raise EvaluationError(str(error)) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))

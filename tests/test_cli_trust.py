@@ -263,6 +263,16 @@ def test_chat_without_a_chat_template_and_a_one_token_answer(folders, tiny_token
     assert "1 token generated;" in result.stderr and "no decoding rate" in result.stderr and "nan" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [("generate", "--prompt", "Hi"), ("eval", "passkey")])
+def test_a_model_folder_without_a_tokenizer_says_so(command, folders):
+    """A folder converted from a source without a tokenizer: transformers' own error spoke of sentencepiece and slow
+    tokenizers."""
+    args = (command[0], folders["tiny-fam"], *command[1:]) if command[0] == "generate" else ("eval", "passkey", folders["tiny-fam"])
+    result = hf_fam_cli(*args)
+    assert_clean_error(result, "has no tokenizer", "Copy the base model's tokenizer files into it")
+    assert "sentencepiece" not in result.stderr
+
+
 def test_info_on_a_folder_without_weights_says_what_to_do(folders, tmp_path):
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "config.json").write_bytes((folders["tiny-fam"] / "config.json").read_bytes())
