@@ -188,6 +188,10 @@ def test_help_defaults_are_the_library_defaults():
         DEFAULT_BLOCK_SIZE, DEFAULT_MEMORY_SEGMENTS, DEFAULT_FAM_LENGTH
     )
     assert cli.DEFAULT_CALIBRATION_STEPS == DEFAULT_STEPS
+    from hf_fam.configuration_fam import DEFAULT_FAM_GATE_INIT, DEFAULT_FAM_UPDATE
+
+    convert = cli.build_parser().parse_args(["convert", "out"])
+    assert (convert.fam_update, convert.fam_gate_init) == (DEFAULT_FAM_UPDATE, DEFAULT_FAM_GATE_INIT)
 
 
 # ------------------------------------------------------------------------------------------------ error paths
