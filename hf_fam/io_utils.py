@@ -91,6 +91,21 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
 
 
+# Files of which a folder saved by a tokenizer's save_pretrained holds at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_folder(folder: str | os.PathLike) -> None:
+    """Raise `FileNotFoundError` saying what to do when the local model folder `folder` holds no tokenizer files
+    (transformers would otherwise talk of sentencepiece and slow tokenizers)."""
+    folder = Path(folder)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): it was converted from a source without one. "
+            "Copy the base model's tokenizer files into it (or save its tokenizer there with save_pretrained)."
+        )
+
+
 def check_safetensors(path: str | os.PathLike, fix: str) -> None:
     """Raise `DamagedFileError` (naming the file and `fix`) if the safetensors file at `path` cannot be opened."""
     from safetensors import SafetensorError, safe_open

@@ -282,7 +282,7 @@ def _layer_types(config) -> list[str]:
 
 class FamPrompt(nn.Module):
     """The learnable FAM prompt P (rule 1): `weight` is (fam_length, hidden_size), in the output space of
-    `embed_tokens`. It is the only tensor TransformerFAM adds to the base model."""
+    `embed_tokens`. With the gated update, `FamGate` is the other tensor TransformerFAM adds to the base model."""
 
     def __init__(self, fam_length: int, hidden_size: int):
         super().__init__()
@@ -537,7 +537,8 @@ class FamPreTrainedModel(PreTrainedModel):
 class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
     """A pretrained causal LM run as TransformerFAM: block sliding window attention plus feedback attention memory.
 
-    State-dict keys are the base model's own (`model.*`, `lm_head.weight`) plus `fam_prompt.weight`.
+    State-dict keys are the base model's own (`model.*`, `lm_head.weight`) plus `fam_prompt.weight` and, with the gated
+    update, `fam_gate.weight`.
 
     Args:
         config ([`FamConfig`]): FAM settings and the base configuration.

@@ -29,6 +29,10 @@ def test_card_metadata_parses_with_huggingface_hub(converted):
     # the gated update (the default) adds one gate per layer (2 layers) to the 4 x 64 prompt
     assert "fam_prompt.weight" in parsed.text and "fam_gate.weight" in parsed.text and "258\n  parameters" in parsed.text
     assert "| `fam_update` | `gated` |" in parsed.text
+    flat = " ".join(parsed.text.split())
+    # two new state-dict keys with the gated update (the card said "every key except one")
+    assert "Every state-dict key except the two new tensors below is the base model's own" in flat
+    assert "the embeddings of random tokens and has not been trained yet" in flat
 
 
 def test_card_of_the_papers_update_names_it(tmp_path):
@@ -36,6 +40,26 @@ def test_card_of_the_papers_update_names_it(tmp_path):
     fam.save_pretrained(tmp_path)
     text = render_model_card(tmp_path, repo_id="me/tiny-fam").text
     assert "| `fam_update` | `replace` |" in text and "4 x 64 = 256 parameters" in text and "fam_gate" not in text
+    assert "Every state-dict key except the new tensor below is the base model's own" in " ".join(text.split())
+
+
+def test_card_says_how_the_prompt_was_initialised_and_calibrated(tmp_path):
+    """The card said "initialised from token embeddings and has not been trained yet" whatever the init, and after a
+    calibration too."""
+    fam = hf_fam.convert_to_fam(tiny_base("gemma"), block_size=16, memory_segments=2, fam_length=4, fam_prompt_init="normal")
+    fam.config.fam_calibration = {"steps": 3, "window": 512, "learning_rate": 3e-3, "seed": 0, "kl_first": 0.5, "kl_last": 0.25, "text": "user text"}
+    fam.save_pretrained(tmp_path)
+    flat = " ".join(render_model_card(tmp_path, repo_id="me/tiny-fam").text.split())
+    assert "initialised from random normal values (N(0, initializer_range)) and calibrated against BSWA (3 steps)" in flat
+    assert "token embeddings" not in flat and "has not been trained yet" not in flat
+
+
+def test_card_of_a_checkpoint_without_fam_does_not_promise_memory(tmp_path):
+    fam = hf_fam.convert_to_fam(tiny_base("gemma"), block_size=16, memory_segments=2, fam_length=0)
+    fam.save_pretrained(tmp_path)
+    flat = " ".join(render_model_card(tmp_path, repo_id="me/tiny-bswa").text.split())
+    assert "carry information from far back" not in flat and "initialised from" not in flat
+    assert "runs plain block sliding window attention without any memory" in flat and "than 80 tokens" in flat
 
 
 def test_card_shows_an_evaluation_table_when_results_exist(converted):
@@ -50,6 +74,37 @@ def test_rewriting_the_card_keeps_base_model_and_license(converted):
     write_model_card(converted, repo_id="me/again")
     data = ModelCard.load(converted / "README.md").data
     assert data.base_model == "google/gemma-2b" and data.license == "gemma"
+
+
+def test_regenerating_the_card_of_a_merged_model_keeps_its_training_section(converted):
+    """`hf-fam push` regenerates the card; it dropped the Training table (base, data, steps, settings) of a merged
+    model, and the pushed card then said nothing of how the model was trained."""
+    from hf_fam.hub import model_card
+
+    training = {"base model": "me/base", "data": "synthetic passkey", "optimizer steps": 150, "LoRA": "r=16, alpha=32"}
+    write_model_card(converted, fine_tuned=True, training=training)
+    text = model_card(converted, repo_id="me/merged").text
+    for name, value in training.items():
+        assert f"| {name} | {value} |" in text, name
+    assert "The memory was trained together with the model" in " ".join(text.split())
+    # a run that trained no FAM parameter: the card does not say the memory was trained
+    write_model_card(converted, fine_tuned=True, training={**training, "FAM parameters trained": "none"})
+    flat = " ".join(model_card(converted).text.split())
+    assert "trained together" not in flat and "The fine-tuning did not train it" in flat
+    assert "the FAM prompt trained with it" not in flat
+
+
+def test_card_of_a_gguf_conversion_says_it_is_not_the_original_weights(converted):
+    """The embedded default is a 4-bit (Q4_1) GGUF; the card named the Hub model as if its weights were converted."""
+    from hf_fam.hub import model_card
+
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    write_model_card(converted, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", source_description=f"GGUF file /somewhere/{gguf}")
+    note = f"(de-quantized from the GGUF file `{gguf}`, not the original weights)"
+    assert note in (converted / "README.md").read_text() and "/somewhere" not in (converted / "README.md").read_text()
+    assert note in model_card(converted, repo_id="me/again").text  # kept when `hf-fam push` regenerates the card
+    write_model_card(converted, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", source_description="Hub model x")
+    assert "de-quantized" not in (converted / "README.md").read_text()
 
 
 def test_summary_counts_parameters_from_the_safetensors_headers(converted):

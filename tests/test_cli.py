@@ -116,7 +116,8 @@ def test_preset_fills_settings_and_explicit_flags_win(base_folders, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert (config["block_size"], config["memory_segments"], config["fam_length"]) == (512, 3, 5)
     card = (out / "README.md").read_text()
-    assert "license: mit" in card  # the preset's license when the source's card has none
+    # the preset's license (mit) is Phi-3's; the card gave it to this llama folder, converted with Phi-3's settings
+    assert "license: mit" not in card and "license: other" in card
 
 
 def test_info_reports_settings_parameters_and_memory(base_folders, tmp_path):
@@ -142,6 +143,24 @@ def test_presets_command_lists_every_preset():
     assert expected <= names
 
 
+def test_preset_receptive_fields_follow_the_formula():
+    """A preset that states a BSWA receptive field states (layers x M + 1) x B (qwen2.5-0.5b said 98k, from the old
+    layers x (M + 1) x B)."""
+    import re
+
+    from hf_fam.presets import load_preset, preset_names
+
+    checked = 0
+    for name in preset_names():
+        preset = load_preset(name)
+        found = re.search(r"(\d+) layers gives a BSWA receptive field of about (\d+)k tokens", preset.why)
+        if found:
+            layers, thousands = map(int, found.groups())
+            assert round((layers * preset.memory_segments + 1) * preset.block_size / 1000) == thousands, name
+            checked += 1
+    assert checked >= 1
+
+
 @pytest.mark.parametrize("command", ["convert", "info", "generate", "push", "presets"])
 def test_help_explains_every_option(command):
     result = hf_fam_cli(command, "--help")
@@ -153,6 +172,8 @@ def test_help_explains_every_option(command):
         assert "default: auto" in result.stdout
         assert "usage: hf-fam convert [options] [SOURCE] OUTPUT" in result.stdout
     assert "(default: None)" not in result.stdout and "(default: False)" not in result.stdout
+    # a flag shows no default: --no-verify's "(default: True)" read as if the self-check were skipped by default
+    assert "(default: True)" not in " ".join(result.stdout.split())
     for line in result.stdout.splitlines():
         assert line.count("(default") <= 1, line
 
@@ -167,6 +188,10 @@ def test_help_defaults_are_the_library_defaults():
         DEFAULT_BLOCK_SIZE, DEFAULT_MEMORY_SEGMENTS, DEFAULT_FAM_LENGTH
     )
     assert cli.DEFAULT_CALIBRATION_STEPS == DEFAULT_STEPS
+    from hf_fam.configuration_fam import DEFAULT_FAM_GATE_INIT, DEFAULT_FAM_UPDATE
+
+    convert = cli.build_parser().parse_args(["convert", "out"])
+    assert (convert.fam_update, convert.fam_gate_init) == (DEFAULT_FAM_UPDATE, DEFAULT_FAM_GATE_INIT)
 
 
 # ------------------------------------------------------------------------------------------------ error paths
@@ -230,7 +255,7 @@ def test_convert_no_verify_skips_the_self_check(base_folders, tmp_path, monkeypa
         (["--fam-prompt-init", "zeros"], "--fam-prompt-init"),
         (["--preset", "no-such-model"], "No preset named 'no-such-model'"),
         (["--calibration-steps", "-1"], "--calibration-steps must be >= 0"),
-        (["--calibration-text", "no-such-file.txt"], "--calibration-text no-such-file.txt: cannot read it"),
+        (["--calibration-text", "no-such-file.txt"], "--calibration-text no-such-file.txt does not exist"),
     ],
 )
 def test_bad_numbers_and_names(flags, fragment, base_folders, tmp_path):
@@ -397,18 +422,48 @@ def test_generate_streams_text_and_reports_speed(converted_smollm2):
     assert "tokens/s" in result.stderr and "peak memory" in result.stderr
 
 
+def test_convert_option_mistakes_are_refused_before_loading(tmp_path):
+    """--revision was silently ignored for a local folder, a .gguf file or the embedded default."""
+    (tmp_path / "src").mkdir()
+    result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--revision", "v2")
+    assert_clean_error(result, "a local path, has none; leave out --revision")
+    assert not (tmp_path / "out").exists()
+    # a missing --calibration-text was reported as "cannot read it as UTF-8 text"
+    result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--calibration-text", tmp_path / "missing.txt")
+    assert_clean_error(result, "missing.txt does not exist")
+    assert "UTF-8" not in result.stderr.split("does not exist")[0]
+    # --private without --push-to-hub was silently ignored too
+    result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--private")
+    assert_clean_error(result, "--private applies to the repository --push-to-hub creates")
+    assert not (tmp_path / "out").exists()
+
+
 def test_generate_with_a_missing_prompt_file(base_folders, tmp_path):
     result = hf_fam_cli("generate", base_folders["llama"], "--prompt-file", tmp_path / "missing.txt")
     assert_clean_error(result, "does not exist")
 
 
+def test_generate_with_a_prompt_file_that_is_a_folder_or_not_text(tmp_path):
+    """A folder was reported as "does not exist"; bytes that are not UTF-8 gave a bare codec message."""
+    result = hf_fam_cli("generate", tmp_path, "--prompt-file", tmp_path)
+    assert_clean_error(result, "is not a file")
+    assert "does not exist" not in result.stderr
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert_clean_error(hf_fam_cli("generate", tmp_path, "--prompt-file", tmp_path / "latin1.txt"), "cannot read it as UTF-8 text")
+
+
 def test_convert_fam_update_flag_reaches_the_config_info_and_card(base_folders, tmp_path):
     out = tmp_path / "out"
     args = ("convert", base_folders["llama"], out, "--block-size", 8, "--fam-length", 2)
-    assert hf_fam_cli(*args, "--fam-update", "replace").returncode == 0
+    result = hf_fam_cli(*args, "--fam-update", "replace")
+    assert result.returncode == 0
+    # the base folder has no tokenizer: the output has none either, and the user is told so
+    assert f"The source has no tokenizer: {out} gets none" in " ".join(result.stderr.split()) and not (out / "tokenizer.json").exists()
     config = json.loads((out / "config.json").read_text())
     assert config["fam_update"] == "replace"
-    assert "FAM update          replace" in hf_fam_cli("info", out).stdout
+    info = hf_fam_cli("info", out).stdout
+    assert "FAM update          replace" in info
+    assert "FAM_SPEC rule 5" in info and "paper's rule 5" not in info  # the paper numbers no rules; the spec does
     assert "| `fam_update` | `replace` |" in (out / "README.md").read_text()
     gated = tmp_path / "gated"
     assert hf_fam_cli("convert", base_folders["llama"], gated, "--block-size", 8, "--fam-length", 2, "--fam-gate-init", 0.25).returncode == 0

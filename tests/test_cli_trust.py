@@ -251,6 +251,34 @@ def test_question_with_prompt_is_refused(folders):
     assert_clean_error(result, "--question goes with --prompt-file")
 
 
+def test_chat_without_a_chat_template_and_a_one_token_answer(folders, tiny_tokenizer, tmp_path):
+    model = copy_of(folders["tiny-fam"], tmp_path / "model")
+    tiny_tokenizer.save_pretrained(model)
+    result = hf_fam_cli("generate", model, "--prompt", "Hello", "--chat", "--max-new-tokens", 1)
+    assert_clean_error(result, "needs a tokenizer with a chat template", "leave out --chat")
+    assert "Loading weights" not in result.stderr  # refused before the weights are read
+    # one new token: there is no decoding rate to report (it printed "decoding nan tokens/s")
+    result = hf_fam_cli("generate", model, "--prompt", "Hello", "--max-new-tokens", 1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 token generated;" in result.stderr and "no decoding rate" in result.stderr and "nan" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("generate", "--prompt", "Hi"), ("eval", "passkey")])
+def test_a_model_folder_without_a_tokenizer_says_so(command, folders):
+    """A folder converted from a source without a tokenizer: transformers' own error spoke of sentencepiece and slow
+    tokenizers."""
+    args = (command[0], folders["tiny-fam"], *command[1:]) if command[0] == "generate" else ("eval", "passkey", folders["tiny-fam"])
+    result = hf_fam_cli(*args)
+    assert_clean_error(result, "has no tokenizer", "Copy the base model's tokenizer files into it")
+    assert "sentencepiece" not in result.stderr
+
+
+def test_info_on_a_folder_without_weights_says_what_to_do(folders, tmp_path):
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_bytes((folders["tiny-fam"] / "config.json").read_bytes())
+    assert_clean_error(hf_fam_cli("info", tmp_path / "config-only"), "No .safetensors weights in", "hf-fam convert")
+
+
 def test_block_size_beyond_max_position_embeddings_warns(folders, tmp_path):
     result = hf_fam_cli("convert", folders["tiny-llama"], tmp_path / "out", "--block-size", 1024, "--fam-length", 2)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -5,6 +5,7 @@ lm-evaluation-harness."""
 import csv
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -196,6 +197,10 @@ def test_eval_bad_inputs_are_one_paragraph_and_write_nothing(fam_dir, tmp_path, 
         (("perplexity", fam_dir, "--text", tmp_path / "missing.txt"), "missing.txt does not exist"),
         (("perplexity", fam_dir, "--text", text_file, "--bucket", 0), "--bucket"),
         (("passkey", tmp_path / "nowhere"), "nowhere does not exist"),
+        # a folder as --text was reported as missing; --key-digits 0 failed inside the task with "digits must be..."
+        (("perplexity", fam_dir, "--text", tmp_path), "is not a file (a folder?)"),
+        (("passkey", fam_dir, "--key-digits", 0), "--key-digits must be at least 1, got 0"),
+        (("passkey", fam_dir, "--lengths", "1k,-5"), "--lengths values must be token counts >= 0"),
     ]
     base = tmp_path / "base"
     tiny_base("llama").save_pretrained(base)
@@ -209,6 +214,16 @@ def test_eval_bad_inputs_are_one_paragraph_and_write_nothing(fam_dir, tmp_path, 
         assert lines[-2].startswith("hf-fam eval: error: ") and lines[-1] == "(run with --debug to see the traceback)", err
     assert not out.exists() or not any(out.iterdir())
     assert not (fam_dir / "eval_results.json").exists()
+
+
+def test_eval_without_matplotlib_stops_before_running_a_model(fam_dir, tmp_path, text_file, capsys, monkeypatch):
+    """The plot is written after the first length or bucket: without matplotlib the run failed only then."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "out"
+    for args in (("passkey", fam_dir, "--lengths", "32"), ("perplexity", fam_dir, "--text", text_file)):
+        code, _, err = run_cli(capsys, "eval", *args, "--output", out)
+        assert code == 1 and "pip install matplotlib" in err, err
+    assert not out.exists()
 
 
 def test_fam_checkpoint_runs_in_the_text_generation_pipeline(fam_dir):
