@@ -41,8 +41,12 @@ def latest_trainer_state(run: Path) -> Path:
 
 def history(run: Path) -> list[dict]:
     """The training log rows (those with a loss) of a run, in step order."""
-    state = json.loads(latest_trainer_state(run).read_text())
-    return [row for row in state["log_history"] if "loss" in row]
+    path = latest_trainer_state(run)
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"{path} is damaged ({error}); pass an earlier checkpoint folder of the run instead.") from None
+    return [row for row in state.get("log_history", []) if "loss" in row]
 
 
 def smooth(values: list[float], window: int) -> list[float]:
