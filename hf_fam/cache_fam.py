@@ -297,22 +297,39 @@ class FamCache(Cache):
         token = self.window_start()[:, None] + torch.arange(span, device=count_after.device)
         return torch.where(token < count_after[:, None], token, -1)
 
-    def advance(self, real_tokens: torch.Tensor, columns: int, fam_recomputed: bool, completed: torch.Tensor) -> None:
-        """Account for a processed segment: real_tokens (b,) consumed, `columns` columns, blocks `completed` (b,).
-        Rows that completed block k >= M slide their windows (in place unless gradients are being recorded)."""
-        slide = completed & (self.token_count // self.block_size >= self.memory_segments)
-        if bool(slide.any()):  # once per segment, not per layer: a decoding step slides nothing
-            per_device = {}  # the rows, moved once to each device that holds layers
-            for layer in self.layers:
-                if layer.keys is None:
-                    continue
-                if layer.keys.device not in per_device:
-                    per_device[layer.keys.device] = (slide.to(layer.keys.device), slide.nonzero().flatten().to(layer.keys.device))
-                layer.slide(*per_device[layer.keys.device], self.block_size, in_place=not torch.is_grad_enabled())
+    def sliding_rows(self, completed: torch.Tensor) -> torch.Tensor:
+        """(b,) bool: the rows whose windows slide once the current segment is processed, those that complete a block
+        k >= M (`completed` (b,)). Asked before `advance_counters` moves the counters past the segment."""
+        return completed & (self.token_count // self.block_size >= self.memory_segments)
+
+    def slide_windows(self, rows: torch.Tensor, layer_indices=None) -> None:
+        """Slide the windows of the rows `rows` (b,) (see `sliding_rows`) by one block in every layer, or in the layers
+        `layer_indices` (in place unless gradients are being recorded). Call only when some row slides."""
+        layers = self.layers if layer_indices is None else [self.layers[i] for i in layer_indices]
+        per_device = {}  # the rows, moved once to each device that holds layers
+        for layer in layers:
+            if layer.keys is None:
+                continue
+            if layer.keys.device not in per_device:
+                per_device[layer.keys.device] = (rows.to(layer.keys.device), rows.nonzero().flatten().to(layer.keys.device))
+            layer.slide(*per_device[layer.keys.device], self.block_size, in_place=not torch.is_grad_enabled())
+
+    def advance_counters(self, real_tokens: torch.Tensor, columns: int, fam_recomputed: bool, completed: torch.Tensor) -> None:
+        """Count a processed segment: real_tokens (b,) consumed, `columns` columns, blocks `completed` (b,). The
+        windows are not touched (see `slide_windows`)."""
         self.token_count = self.token_count + real_tokens
         self.seen_columns += columns
         fresh = torch.ones_like(self.fam_kv_fresh) if fam_recomputed else self.fam_kv_fresh
         self.fam_kv_fresh = fresh & ~completed
+
+    def advance(self, real_tokens: torch.Tensor, columns: int, fam_recomputed: bool, completed: torch.Tensor) -> None:
+        """Account for a segment processed by every layer: real_tokens (b,) consumed, `columns` columns, blocks
+        `completed` (b,). Rows that completed block k >= M slide their windows (in place unless gradients are being
+        recorded)."""
+        slide = self.sliding_rows(completed)
+        if bool(slide.any()):  # once per segment, not per layer: a decoding step slides nothing
+            self.slide_windows(slide)
+        self.advance_counters(real_tokens, columns, fam_recomputed, completed)
 
     # ------------------------------------------------------------------------------------ transformers Cache API
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

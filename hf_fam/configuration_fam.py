@@ -19,6 +19,8 @@ FAM_PROMPT_INITS = ("random_tokens", "token_ids", "normal")
 FAM_UPDATES = ("gated", "replace")
 # A configuration written before `fam_update` existed used rule 5 as written.
 _FAM_UPDATE_BEFORE_OPTION = "replace"
+# The order of a forward pass over (block, layer) pairs (FAM_SPEC implementation notes: the results are identical).
+LOOP_ORDERS = ("auto", "block", "layer")
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -75,6 +77,15 @@ class FamConfig(PreTrainedConfig):
             means `"replace"`.
         fam_gate_init (`float`, defaults to 0.1):
             Initial value of every gate of the `"gated"` update.
+        loop_order (`str`, defaults to `"auto"`):
+            The order in which a forward pass runs its (block, layer) pairs; the results are the same either way.
+            `"block"`: each block through every layer, then the next block (what streaming and decoding do).
+            `"layer"`: every block of the input through layer 0, then through layer 1, ...: each decoder layer's
+            calls follow one another, so a layer whose weights are sharded (torch FSDP2's `fully_shard`) or
+            offloaded (accelerate's `device_map` with `offload_folder` / CPU offload) is gathered or loaded once per
+            forward pass instead of once per block. It keeps the masks of every block of the input until the pass
+            ends. `"auto"`: `"layer"` for an input of several blocks when some decoder layer is sharded or
+            offloaded, `"block"` otherwise.
         fam_calibration (`dict`, *optional*):
             A record of how the prompt was calibrated at conversion (see `hf_fam.calibration`): steps, window,
             learning rate, seed and the mean KL to BSWA before and after; None if it was not.
@@ -93,6 +104,7 @@ class FamConfig(PreTrainedConfig):
     fam_update: str = DEFAULT_FAM_UPDATE
     fam_gate_init: float = DEFAULT_FAM_GATE_INIT
     fam_calibration: dict | None = None
+    loop_order: str = "auto"
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
@@ -116,6 +128,8 @@ class FamConfig(PreTrainedConfig):
             raise ValueError(f"fam_update must be one of {FAM_UPDATES}, got {self.fam_update!r}")
         if isinstance(self.fam_gate_init, bool) or not isinstance(self.fam_gate_init, (int, float)):
             raise ValueError(f"fam_gate_init must be a number, got {self.fam_gate_init!r}")
+        if self.loop_order not in LOOP_ORDERS:
+            raise ValueError(f"loop_order must be one of {LOOP_ORDERS}, got {self.loop_order!r}")
         if self.fam_prompt_init not in FAM_PROMPT_INITS:
             raise ValueError(f"fam_prompt_init must be one of {FAM_PROMPT_INITS}, got {self.fam_prompt_init!r}")
         if self.fam_prompt_init == "token_ids":

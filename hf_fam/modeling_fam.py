@@ -464,6 +464,64 @@ def _execution_device(module: nn.Module, fallback: torch.device) -> torch.device
     return fallback
 
 
+def _offload_hooks(module: nn.Module) -> list:
+    """(submodule, hook) for each accelerate hook in `module` that loads its weights for every call and drops them
+    after it (`AlignDevicesHook` with `offload=True`: CPU or disk offload through `device_map`)."""
+    found = []
+    for submodule in module.modules():
+        hook = getattr(submodule, "_hf_hook", None)
+        for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(one, "offload", False) is True and hasattr(one, "pre_forward"):
+                found.append((submodule, one))
+    return found
+
+
+def _is_fully_sharded(module: nn.Module) -> bool:
+    """Whether `module` is sharded by torch FSDP2's `fully_shard` (its parameters all-gathered for every call)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    return fsdp_module is not None and isinstance(module, fsdp_module)
+
+
+def _gathered_per_call(layer: nn.Module) -> bool:
+    """Whether a call of `layer` gathers (FSDP2) or loads (accelerate offload) its weights first."""
+    return _is_fully_sharded(layer) or bool(_offload_hooks(layer))
+
+
+def _reshards_after_forward(module: nn.Module) -> bool:
+    # What `FSDPModule.set_reshard_after_forward` sets; torch has no public getter for it.
+    groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", None)
+    return True if groups is None else any(group.post_forward_mesh_info is not None for group in groups)
+
+
+@contextmanager
+def _weights_kept(layer: nn.Module):
+    """Keep a sharded or offloaded layer's weights gathered / loaded across the consecutive calls made inside, then
+    release them as one call would: one all-gather (FSDP2) or one load (accelerate offload) for all the calls.
+    Any other layer is left as it is."""
+    hooks = _offload_hooks(layer)
+    sharded = _is_fully_sharded(layer)
+    if not hooks and not sharded:
+        yield
+        return
+    for module, hook in hooks:
+        hook.pre_forward(module)  # loads the weights onto the execution device
+        hook.offload = False  # the calls inside then only move their inputs
+    if sharded:
+        reshards = _reshards_after_forward(layer)
+        layer.unshard()
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        if sharded:
+            layer.set_reshard_after_forward(reshards, recurse=False)
+            layer.reshard()
+        for module, hook in hooks:
+            hook.offload = True
+            hook.post_forward(module, None)  # back to `meta`
+
+
 class _BlockKeyValues:
     """Stands in for the cache during one decoder-layer call on one block segment.
 
@@ -801,12 +859,18 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 )
             raise ValueError("The input has no tokens (sequence length 0).")
         with self._flex_compile_settings(inputs_embeds.device):
-            cache = self._stream_cache(cache, batch, inputs_embeds, fam_position_offset, fam_state)
+            layer_major = self._runs_layer_major()
+            # layer-major: S0[l+1] is computed by layer l while its weights are there for the block segments anyway
+            cache, initial_states = self._stream_cache(
+                cache, batch, inputs_embeds, fam_position_offset, fam_state, lazy_initial_state=layer_major
+            )
             # Every layer's share of the cache on that layer's device, the counters on the input's (a no-op but for a
             # cache restored elsewhere or a model whose layers moved).
             cache.place(inputs_embeds.device, self.layer_devices(inputs_embeds.device))
             real = self._real_token_mask(attention_mask, batch, columns, inputs_embeds.device)
-            hidden_states, all_hidden = self._run_blocks(inputs_embeds, real, cache, output_hidden_states)
+            hidden_states, all_hidden = self._run_blocks(
+                inputs_embeds, real, cache, output_hidden_states, layer_major, initial_states
+            )
         hidden_states = self.final_norm(hidden_states)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
@@ -858,7 +922,11 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             return nullcontext()
         return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
 
-    def _stream_cache(self, given, batch, inputs_embeds, fam_position_offset, fam_state) -> FamCache:
+    def _stream_cache(self, given, batch, inputs_embeds, fam_position_offset, fam_state, lazy_initial_state=False):
+        """The `FamCache` of the streams this call continues (a new one if `given` is None or an empty DynamicCache),
+        started if new, and, for a new stream, the initial state: set in every layer, or with `lazy_initial_state`
+        set in layer 0 only and returned as the iterator of the other layers' S0 (see `_initial_states`)."""
+        pending = None
         if given is None or (isinstance(given, DynamicCache) and given.get_seq_length() == 0):
             cache = self.new_cache()
         elif isinstance(given, FamCache):
@@ -882,8 +950,12 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 # (random state passing hands in the previous training step's state, whose graph is gone).
                 cache.set_fam_state(tuple(state.detach().to(inputs_embeds.dtype) for state in fam_state))
             elif self.config.fam_length > 0 and cache.fam_state() is None:
-                cache.set_fam_state(self.initial_fam_state(batch, cache.position_offset))
-        return cache
+                if lazy_initial_state:
+                    pending = self._initial_states(batch, cache.position_offset)
+                    cache.layers[0].fam_state = next(pending)
+                else:
+                    cache.set_fam_state(self.initial_fam_state(batch, cache.position_offset))
+        return cache, pending
 
     def _check_fam_state(self, fam_state, batch) -> None:
         expected = (batch, self.config.fam_length, self.config.hidden_size)
@@ -909,6 +981,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
     def initial_fam_state(self, batch_size: int, position_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """S0[l] for every layer l: the inputs of each layer when the FAM prompt alone runs through the decoder,
         with bidirectional attention among its F rows and positions -F .. -1 (+ offset). Each is (b, F, hidden)."""
+        return tuple(self._initial_states(batch_size, position_offset))
+
+    def _initial_states(self, batch_size: int, position_offset: torch.Tensor | None = None):
+        """S0[0], S0[1], ..., S0[L-1] one at a time, each on its layer's device: asking for S0[l+1] runs layer l."""
         fam_length = self.config.fam_length
         if position_offset is None or bool((position_offset == position_offset[0]).all()):
             rows = 1  # S0 is the same for every row: compute it once
@@ -926,15 +1002,17 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         )
         inputs = (mask, self._position_embeddings(hidden, positions), positions)
         per_device = {}  # what the layer calls read, moved once per device
-        states = []
-        for layer, layer_type, layer_device in zip(self.decoder_layers, self.layer_types, self.layer_devices(device)):
+        devices = self.layer_devices(device)
+        hidden = hidden.to(devices[0])
+        yield hidden.expand(batch_size, -1, -1)
+        for layer_idx in range(len(devices) - 1):  # the last layer's output is nobody's input
+            layer, layer_type, layer_device = self.decoder_layers[layer_idx], self.layer_types[layer_idx], devices[layer_idx]
             if layer_device not in per_device:
                 per_device[layer_device] = _to_device(inputs, layer_device)
             layer_mask, position_embeddings, layer_positions = per_device[layer_device]
-            hidden = hidden.to(layer_device)
-            states.append(hidden)
             hidden = self._call_layer(layer, hidden, layer_mask, position_embeddings[layer_type], layer_positions, None)
-        return tuple(state.expand(batch_size, -1, -1) for state in states)
+            hidden = hidden.to(devices[layer_idx + 1])
+            yield hidden.expand(batch_size, -1, -1)
 
     def input_device(self) -> torch.device:
         """The device the stream's input and per-row counters live on: where the embedding computes (with accelerate's
@@ -949,8 +1027,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         return [_execution_device(layer, fallback) for layer in self.decoder_layers]
 
     # ------------------------------------------------------------------------------------- rules 2 to 6
-    def _run_blocks(self, inputs_embeds, real, cache: FamCache, output_hidden_states: bool):
-        """Run the input through the decoder block segment by block segment, continuing `cache`'s streams.
+    def _run_blocks(self, inputs_embeds, real, cache: FamCache, output_hidden_states: bool, layer_major=False, initial_states=None):
+        """Run the input through the decoder block segment by block segment, continuing `cache`'s streams, in either
+        loop order (`initial_states`: the iterator of S0[1:] still to compute, layer-major only).
 
         Returns the last layer's output on the block rows, (b, n, hidden), and, if asked, the block rows' hidden
         states after the embedding and after every layer.
@@ -965,9 +1044,34 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         if layout is not None:
             inputs_embeds, real, bounds = layout.gather(inputs_embeds), layout.real, layout.bounds
         token_index = torch.where(real, cache.token_count[:, None] + real.cumsum(1) - 1, _PAD)
+        # (start, end, columns consumed): the input's columns (what generate() slices by) count once the last segment ran
+        spans = [(start, end, columns if end == bounds[-1] else 0) for start, end in zip(bounds[:-1], bounds[1:])]
+        if layer_major:
+            hidden, all_hidden = self._run_layer_major(
+                inputs_embeds, real, token_index, spans, cache, devices, gates, output_hidden_states, initial_states
+            )
+        else:
+            hidden, all_hidden = self._run_block_major(
+                inputs_embeds, real, token_index, spans, cache, devices, gates, output_hidden_states
+            )
+        if layout is not None:
+            hidden = layout.scatter(hidden, columns)
+            all_hidden = None if all_hidden is None else tuple(layout.scatter(h, columns) for h in all_hidden)
+        return hidden, all_hidden
 
+    def _runs_layer_major(self) -> bool:
+        """Whether a pass runs layer-major (see `FamConfig.loop_order`). On an input of one segment (a decoding
+        step, a short prompt) both orders make the same calls."""
+        order = getattr(self.config, "loop_order", "auto")
+        if order != "auto":
+            return order == "layer"
+        return any(_gathered_per_call(layer) for layer in self.decoder_layers)
+
+    def _run_block_major(self, inputs_embeds, real, token_index, spans, cache, devices, gates, output_hidden_states):
+        """Each segment through every layer, then the next segment: the cache is ready to continue after every
+        segment, and only one segment's masks are alive at a time."""
         outputs, hidden_per_layer = [], []
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end, consumed in spans:
             segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], inputs_embeds)
             hidden = inputs_embeds[:, start:end]
             seen = [hidden]
@@ -975,18 +1079,38 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 hidden = self._block_layer(layer, layer_idx, hidden.to(device), segment.on(device), cache, gates)
                 if output_hidden_states:
                     seen.append(hidden)
-            # the input's columns (what generate() slices by) are consumed once the last segment has run
-            cache.advance(segment.real_tokens, columns if end == bounds[-1] else 0, segment.fam_rows, segment.completes)
+            cache.advance(segment.real_tokens, consumed, segment.fam_rows, segment.completes)
             outputs.append(hidden)
             hidden_per_layer.append(seen)
         all_hidden = None
         if output_hidden_states:
             all_hidden = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*hidden_per_layer))
-        hidden = torch.cat(outputs, dim=1)
-        if layout is not None:
-            hidden = layout.scatter(hidden, columns)
-            all_hidden = None if all_hidden is None else tuple(layout.scatter(h, columns) for h in all_hidden)
-        return hidden, all_hidden
+        return torch.cat(outputs, dim=1), all_hidden
+
+    def _run_layer_major(self, inputs_embeds, real, token_index, spans, cache, devices, gates, output_hidden_states, initial_states):
+        """Every segment through layer 0, then through layer 1, ...: layer l of segment k reads only layer l-1's
+        output on segment k and layer l's own state after segment k-1 (FAM state, key/value window), so the results
+        are those of the block-major order. Each layer's calls follow one another, with its weights gathered or
+        loaded once for all of them (`_weights_kept`)."""
+        plans = []  # every segment planned up front: planning reads the per-row counters only, not the buffers
+        for start, end, consumed in spans:
+            segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], inputs_embeds)
+            slide = cache.sliding_rows(segment.completes)
+            plans.append((segment, slide if bool(slide.any()) else None))
+            cache.advance_counters(segment.real_tokens, consumed, segment.fam_rows, segment.completes)
+        hidden = [inputs_embeds[:, start:end] for start, end, _ in spans]
+        seen = [inputs_embeds] if output_hidden_states else None
+        for layer_idx, (layer, device) in enumerate(zip(self.decoder_layers, devices)):
+            with _weights_kept(layer):
+                for k, (segment, slide) in enumerate(plans):
+                    hidden[k] = self._block_layer(layer, layer_idx, hidden[k].to(device), segment.on(device), cache, gates)
+                    if slide is not None:
+                        cache.slide_windows(slide, layer_indices=[layer_idx])
+                if initial_states is not None and layer_idx + 1 < len(devices):
+                    cache.layers[layer_idx + 1].fam_state = next(initial_states)  # runs this layer on S0[l]
+            if output_hidden_states:
+                seen.append(torch.cat(hidden, dim=1))
+        return torch.cat(hidden, dim=1), None if seen is None else tuple(seen)
 
     def _plan_segment(self, cache: FamCache, token_index, real, inputs_embeds) -> _Segment:
         B, M, F = self.config.block_size, self.config.memory_segments, self.config.fam_length

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -233,18 +234,23 @@ def test_ddp_on_two_cpu_processes_trains_with_the_single_process_loss_and_saves_
 
 def test_fsdp2_shards_a_fam_model_and_gives_the_unsharded_gradients():
     """What recipes/accelerate/fsdp.yaml does on GPUs, run directly with torch on 2 CPU processes (gloo): accelerate
-    1.15 turns FSDP configs into DDP on CPU, torch's FSDP2 does not need a GPU."""
+    1.15 turns FSDP configs into DDP on CPU, torch's FSDP2 does not need a GPU. Both loop orders give the unsharded
+    gradients; layer-major (what loop_order="auto" picks for sharded layers) all-gathers each layer once per forward."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(ROOT / "tests" / "fsdp2_worker.py")]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("rank=")]
-    assert len(lines) == 2, result.stdout
+    # the two processes' lines can interleave on one line of the captured output
+    lines = re.findall(r"rank=\S+ order=\S+ wrapped_layers=\S+ trainable=\S+ worst_relative_difference=\S+ forward_all_gathers=\d+", result.stdout)
+    assert len(lines) == 4, result.stdout  # 2 processes x 2 loop orders
     for line in lines:
         fields = dict(item.split("=") for item in line.split())
         assert int(fields["wrapped_layers"]) == 2
         assert float(fields["worst_relative_difference"]) < 1e-5, line
+        # 5 blocks: block-major gathers each layer once per block, plus layer 0 for the FAM prompt's pass (S0);
+        # layer-major once per layer and forward pass
+        assert int(fields["forward_all_gathers"]) == {"block": 2 * 5 + 1, "layer": 2}[fields["order"]], line
 
 
 # ----------------------------------------------------------------------------------- the trainer, in-process
