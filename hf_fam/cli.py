@@ -133,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     generate.add_argument("--question", default=None, help="with --prompt-file: text appended after the file's contents, after a blank line")
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    generate.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --do-sample)")
-    generate.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (with --do-sample)")
+    generate.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature, only with --do-sample (default: 0.7)"
+    )
+    generate.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling mass, only with --do-sample (default: 0.9)"
+    )
     generate.add_argument("--seed", type=int, default=0, help="random seed")
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to run in")
     _add_common(generate)
@@ -395,6 +399,16 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    given = [flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)) if value is not None]
+    if given and not args.do_sample:
+        raise CommandError(
+            f"{' and '.join(given)} only apply when sampling; without --do-sample the decoding is greedy and would "
+            f"ignore {'them' if len(given) > 1 else 'it'}. Add --do-sample, or leave out {' and '.join(given)}."
+        )
+    if args.temperature is not None and args.temperature <= 0:
+        raise CommandError(f"--temperature must be > 0, got {args.temperature}; for greedy decoding leave out --do-sample.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CommandError(f"--top-p must be in (0, 1], got {args.top_p}.")
     if args.question is not None and args.prompt is not None:
         raise CommandError(
             "--question goes with --prompt-file (it is appended after the file's contents); with --prompt, write the "
@@ -433,7 +447,10 @@ def cmd_generate(args) -> int:
     prompt_tokens = inputs["input_ids"].shape[1]
     torch.manual_seed(args.seed)
     streamer = _timed_streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {"do_sample": False}
+    sampling = {"do_sample": False}
+    if args.do_sample:
+        temperature = 0.7 if args.temperature is None else args.temperature
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.9 if args.top_p is None else args.top_p}
     _progress(f"Prompt: {prompt_tokens} tokens. Generating up to {args.max_new_tokens} tokens ...")
     start = time.perf_counter()
     with torch.no_grad():

@@ -460,6 +460,14 @@ def test_generate_with_a_prompt_file_that_is_a_folder_or_not_text(tmp_path):
     assert_clean_error(hf_fam_cli("generate", tmp_path, "--prompt-file", tmp_path / "latin1.txt"), "cannot read it as UTF-8 text")
 
 
+def test_generate_refuses_sampling_settings_it_would_ignore(tmp_path):
+    """--temperature / --top-p without --do-sample were silently ignored (greedy decoding); refused before loading."""
+    result = hf_fam_cli("generate", tmp_path, "--prompt", "Hi", "--temperature", 0.2, "--top-p", 0.5)
+    assert_clean_error(result, "--temperature and --top-p only apply when sampling")
+    assert "Add --do-sample, or leave out --temperature and --top-p" in " ".join(result.stderr.split())
+    assert_clean_error(hf_fam_cli("generate", tmp_path, "--prompt", "Hi", "--do-sample", "--top-p", 1.5), "--top-p must be in (0, 1]")
+
+
 def test_convert_fam_update_flag_reaches_the_config_info_and_card(base_folders, tmp_path):
     out = tmp_path / "out"
     args = ("convert", base_folders["llama"], out, "--block-size", 8, "--fam-length", 2)
