@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .io_utils import OutputExistsError, atomic_directory
-from .training import TRAINING_INFO_FILE, is_fam_checkpoint, load_fam_model
+from .training import TRAINING_INFO_FILE, is_fam_checkpoint, load_fam_model, read_training_info
 
 
 logger = logging.get_logger(__name__)
@@ -21,12 +21,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 class MergeError(Exception):
     """The adapter cannot be merged; the message says what to change."""
-
-
-def read_training_info(adapter_dir: str | Path) -> dict:
-    """`fam_training.json` of a checkpoint written by `recipes/finetune.py` (FamTrainer), or {}."""
-    path = Path(adapter_dir) / TRAINING_INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _trained_steps(adapter_dir: Path) -> int | None:
@@ -111,7 +105,7 @@ def merge_adapter(
     info = read_training_info(adapter_dir)
     source = base or info.get("model_source") or adapter.get("base_model_name_or_path")
     fam_settings = dict(info.get("fam_settings") or {})
-    calibration = fam_settings.pop("fam_calibration", None)  # a record of the conversion, not a setting
+    fam_settings.pop("fam_calibration", None)  # a record of the conversion, not a setting (load_fam_model reads it)
     if not is_fam_checkpoint(source):
         if not fam_settings:
             raise MergeError(
@@ -125,14 +119,12 @@ def merge_adapter(
         if dropped:
             logger.warning(f"FAM settings {dropped} are not options of convert_to_fam; they are left at their defaults.")
         fam_settings = {k: v for k, v in fam_settings.items() if k in accepted}
-        fam_settings["calibration_steps"] = 0  # the adapter carries the trained prompt
     else:
         # A FAM checkpoint carries its settings; the recorded ones only matter where the run overrode them.
         fam_settings = {k: v for k, v in fam_settings.items() if k in ("block_size", "memory_segments")}
     logger.info(f"Loading {source or 'the embedded default model'} ...")
-    model, tokenizer, base_model = load_fam_model(source, fam_settings, dtype=dtype)
-    if calibration and model.config.fam_calibration is None:
-        model.config.fam_calibration = calibration
+    # the adapter carries the trained prompt: no calibration at conversion
+    model, tokenizer, base_model = load_fam_model(source, fam_settings, dtype=dtype, trained_from=adapter_dir)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, RuntimeError, KeyError) as error:

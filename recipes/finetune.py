@@ -40,7 +40,6 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from hf_fam.merge import read_training_info
 from hf_fam.recipe_config import ConfigError, load_config, parse_recipe_args
 from hf_fam.training import (
     CSVLoggerCallback,
@@ -75,21 +74,15 @@ def build_model(model_config: dict, lora_config: dict, resume_from: Path | None 
     When the run resumes from `resume_from` and converts its base model on the fly, the prompt calibration is skipped
     (the checkpoint holds the trained prompt, which replaces whatever the conversion computed) and the calibration's
     record is taken from the checkpoint's `fam_training.json`."""
-    fam_settings = dict(model_config.get("fam") or {})
-    calibration = None
     if resume_from is not None and not is_fam_checkpoint(model_config.get("path")):
-        recorded = read_training_info(resume_from).get("fam_settings") or {}
-        calibration = recorded.get("fam_calibration")
-        fam_settings["calibration_steps"] = 0
         logger.info(f"Resuming from {resume_from}: the FAM prompt comes from the checkpoint, so it is not calibrated again.")
     model, tokenizer, base_model = load_fam_model(
         model_config.get("path"),
-        fam_settings=fam_settings,
+        fam_settings=dict(model_config.get("fam") or {}),
         dtype=model_config.get("dtype", "auto"),
         attn_implementation=model_config.get("attn_implementation"),
+        trained_from=resume_from,
     )
-    if calibration is not None:
-        model.config.fam_calibration = calibration
     for name, value in (model_config.get("text_config") or {}).items():
         # base configuration switches read at run time, e.g. mixtral's output_router_logits (router aux loss)
         setattr(model.config.text_config, name, value)
