@@ -212,15 +212,16 @@ def _resolve_convert_settings(args):
 
 
 def _read_calibration_text(path) -> str | None:
+    from .io_utils import TextFileError, read_text_file
+
     if path is None:
         return None
-    if not Path(path).is_file():
-        what = "is not a file (a folder?)" if Path(path).exists() else "does not exist"
-        raise CommandError(f"--calibration-text {path} {what}; pass a UTF-8 text file, or leave the option out to calibrate on the default text.")
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CommandError(f"--calibration-text {path}: cannot read it as UTF-8 text ({error}).") from None
+        return read_text_file(
+            path, "--calibration-text", "pass a UTF-8 text file, or leave the option out to calibrate on the default text"
+        )
+    except TextFileError as error:
+        raise CommandError(str(error)) from None
 
 
 def cmd_convert(args) -> int:
@@ -377,15 +378,12 @@ def _read_prompt(args) -> str:
     elif args.prompt_file == "-":
         text = sys.stdin.read()
     else:
-        path = Path(args.prompt_file)
-        if not path.exists():
-            raise CommandError(f"--prompt-file {path} does not exist.")
-        if not path.is_file():
-            raise CommandError(f"--prompt-file {path} is not a file (a folder?); pass a text file, or '-' for standard input.")
+        from .io_utils import TextFileError, read_text_file
+
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise CommandError(f"--prompt-file {path}: cannot read it as UTF-8 text ({error}).") from None
+            text = read_text_file(args.prompt_file, "--prompt-file", "pass a UTF-8 text file, or '-' for standard input")
+        except TextFileError as error:
+            raise CommandError(str(error)) from None
     if args.question:
         text = f"{text.rstrip()}\n\n{args.question}"
     if not text.strip():

@@ -393,25 +393,27 @@ def base_stream_log_likelihood(model, ids: list[int], chunk_size: int) -> Iterat
         yield torch.cat(scored, dim=1) if scored else logits.new_zeros(1, 0)
 
 
-def _check_text_file(path: Path) -> None:
-    if not path.exists():
-        raise EvaluationError(f"--text {path} does not exist; pass a long plain-text file (see README: Evaluation).")
-    if not path.is_file():
-        raise EvaluationError(f"--text {path} is not a file (a folder?); pass a long plain-text file (see README: Evaluation).")
+def _read_text(path: Path) -> str:
+    """The text of --text `path` (stray bytes replaced: a long book may have a few), or an `EvaluationError` saying
+    what to pass."""
+    from .io_utils import TextFileError, read_text_file
+
+    try:
+        return read_text_file(path, "--text", "pass a long plain-text file (see README: Evaluation)", errors="replace")
+    except TextFileError as error:
+        raise EvaluationError(str(error)) from None
 
 
-def read_text_tokens(tokenizer, text_file: str | os.PathLike, max_tokens: int | None) -> tuple[list[int], str]:
-    path = Path(text_file)
-    _check_text_file(path)
-    text = path.read_text(encoding="utf-8", errors="replace")
+def read_text_tokens(tokenizer, text: str, name: str, max_tokens: int | None) -> list[int]:
+    """The token ids of `text` (the --text file `name`), the first `max_tokens` of them if given."""
     if max_tokens is not None:
         text = text[: max_tokens * 12]  # tokenizing a whole book to keep its start is wasted time (>= 1 char a token)
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise EvaluationError(f"--text {path} has {len(ids)} tokens; perplexity needs at least 2.")
-    return ids, path.name
+        raise EvaluationError(f"--text {name} has {len(ids)} tokens; perplexity needs at least 2.")
+    return ids
 
 
 def run_perplexity(
@@ -437,10 +439,11 @@ def run_perplexity(
         raise EvaluationError(f"--bucket must be a positive number of tokens, got {bucket}.")
     if max_tokens is not None and max_tokens < 2:
         raise EvaluationError(f"--max-tokens must be at least 2, got {max_tokens}.")
-    _check_text_file(Path(text_file))
+    text = _read_text(Path(text_file))  # before a model is loaded
     _plt()  # before any model runs: the curve is written after the first bucket
     output, fam, tokenizer, variants, chunk_size = _prepare(path, output, dtype, compare, chunk_size)
-    ids, text_name = read_text_tokens(tokenizer, text_file, max_tokens)
+    text_name = Path(text_file).name
+    ids = read_text_tokens(tokenizer, text, text_file, max_tokens)
     document = {
         "task": "perplexity",
         "model": str(path),

@@ -29,6 +29,27 @@ class DamagedFileError(ValueError):
     """A weights or state file is truncated or corrupted; the message names it and says how to get a whole one."""
 
 
+class TextFileError(ValueError):
+    """A text file named on the command line is missing, a folder, or not UTF-8 text; the message says what to pass."""
+
+
+def read_text_file(path: str | os.PathLike, option: str, fix: str, errors: str = "strict") -> str:
+    """The text of the file `path`, given as `option` (e.g. "--prompt-file"), decoded as UTF-8.
+
+    Raises [`TextFileError`] naming the option and the path when the file does not exist, is a folder, or cannot be
+    read as UTF-8 (with `errors="strict"`; "replace" reads any bytes, for long texts with a few stray ones); `fix`
+    says what to pass instead (e.g. "pass a UTF-8 text file")."""
+    path = Path(path)
+    if not path.exists():
+        raise TextFileError(f"{option} {path} does not exist; {fix}.")
+    if not path.is_file():
+        raise TextFileError(f"{option} {path} is not a file (a folder?); {fix}.")
+    try:
+        return path.read_text(encoding="utf-8", errors=errors)
+    except (OSError, UnicodeDecodeError) as error:
+        raise TextFileError(f"{option} {path}: cannot read it as UTF-8 text ({error}); {fix}.") from None
+
+
 def check_output_folder(target: str | os.PathLike, overwrite: bool = False, sources=()) -> None:
     """Raise unless `target` may be written (replaced, with `overwrite`) by `atomic_directory`.
 
