@@ -41,9 +41,32 @@ def stream_memory_bytes(config: FamConfig, dtype: torch.dtype = torch.float32) -
 
 
 def bswa_receptive_field(config: FamConfig) -> int:
-    """Tokens that can reach a token through block sliding window attention alone, (layers x M + 1) x B: each layer
-    reaches M blocks further back than the one below it (M = 0: the token's own block)."""
-    return (config.num_hidden_layers * config.memory_segments + 1) * config.block_size
+    """Tokens that can reach a token through block sliding window attention alone: (layers x M + 1) x B, as each layer
+    reaches M blocks further back than the one below it (M = 0: the token's own block). On layers that the base model
+    runs with a sliding window W (FAM_SPEC rule 4), a query also sees no key W or more positions back, so such a layer
+    reaches min(M blocks, W - 1 tokens) further: the reach is followed layer by layer from the last token of a block."""
+    B, M = config.block_size, config.memory_segments
+    text = config.text_config
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
+    position = B - 1 + config.num_hidden_layers * M * B  # the last token of a block far enough into the stream
+    earliest = position
+    for kind in reversed(layer_types):  # from the top layer down: the farthest key of the farthest key ...
+        reach = (earliest // B - M) * B  # the first token of the oldest memory segment
+        if kind == "sliding_attention" and window:
+            reach = max(reach, earliest - window + 1)
+        earliest = max(reach, 0)
+    return position - earliest + 1
+
+
+def receptive_field_rule(config: FamConfig) -> str:
+    """How `bswa_receptive_field` comes about, as `hf-fam info` and the model card state it."""
+    window = getattr(config.text_config, "sliding_window", None)
+    layer_types = getattr(config.text_config, "layer_types", None)
+    windowed = window and (layer_types is None or "sliding_attention" in layer_types)
+    if windowed and window - 1 < config.memory_segments * config.block_size:
+        return f"(layers x M + 1) x B, less on the layers with the base model's sliding window of {window:,} tokens"
+    return "(layers x M + 1) x B"
 
 
 def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
@@ -111,6 +134,7 @@ def summarize(folder: str | Path) -> dict:
         "fam_parameters": fam,
         "base_parameters": total - fam,
         "bswa_receptive_field": bswa_receptive_field(config),
+        "bswa_receptive_field_rule": receptive_field_rule(config),
         "stream_memory_bytes": stream_memory_bytes(config, dtype),
         "dtype": str(dtype).replace("torch.", ""),
     }

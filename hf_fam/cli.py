@@ -363,7 +363,7 @@ def cmd_info(args) -> int:
         f"  base architecture   {facts['base_model_type']} {', '.join(facts['base_architectures'])} - {facts['num_hidden_layers']} layers, hidden size {facts['hidden_size']}, {facts['dtype']}",
         f"  parameters          {facts['parameters']:,} ({human_count(facts['parameters'])}) = base {facts['base_parameters']:,} + FAM {facts['fam_parameters']:,} "
         + (f"(prompt {f} x {facts['hidden_size']}" + (f", {facts['num_hidden_layers']} gates)" if facts["fam_update"] == "gated" else ")")),
-        f"  receptive field     BSWA alone: {facts['bswa_receptive_field']:,} tokens ((layers x M + 1) x B); "
+        f"  receptive field     BSWA alone: {facts['bswa_receptive_field']:,} tokens ({facts['bswa_receptive_field_rule']}); "
         + ("with FAM: unbounded (the memory is carried block to block)" if f > 0 else "FAM off (F=0): that is all"),
         f"  memory per stream   {human_bytes(facts['stream_memory_bytes'])} of cache, constant in the input length",
     ]

@@ -137,6 +137,23 @@ def test_memory_reach_beyond_bswa_receptive_field(family):
             assert far > 1e-4 * before.abs().max().item(), "FAM did not carry token 0 beyond the BSWA receptive field"
 
 
+@pytest.mark.parametrize("family,window", [("mistral", 6), ("gemma3_text", 5)])
+def test_bswa_receptive_field_follows_the_base_models_sliding_window(family, window):
+    """Where the base's sliding window is shorter than M blocks, each windowed layer reaches less far back than M
+    blocks (rule 4): the stated receptive field is exactly the last position token 0 reaches."""
+    B, M = 4, 2
+    base = tiny_base(family, sliding_window=window)
+    fam = convert(base, block_size=B, memory_segments=M, fam_length=0)
+    receptive_field = bswa_receptive_field(fam.config)
+    assert receptive_field < (base.config.num_hidden_layers * M + 1) * B
+    ids = random_ids(1, receptive_field + 3 * B)
+    changed = ids.clone()
+    changed[0, 0] += 1
+    with torch.no_grad():
+        moved = (fam(changed).logits - fam(ids).logits)[0].abs().amax(-1)
+    assert int(moved.nonzero().max()) + 1 == receptive_field
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])
 def test_eager_and_sdpa_agree(family):
     ids = random_ids(2, 29)
