@@ -1100,16 +1100,25 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             cache.advance_counters(segment.real_tokens, consumed, segment.fam_rows, segment.completes)
         hidden = [inputs_embeds[:, start:end] for start, end, _ in spans]
         seen = [inputs_embeds] if output_hidden_states else None
+        recording = self._router_recording
+        recorded = {}  # (segment, layer) -> the router logits its call recorded, to return them in block-major order
         for layer_idx, (layer, device) in enumerate(zip(self.decoder_layers, devices)):
             with _weights_kept(layer):
                 for k, (segment, slide) in enumerate(plans):
+                    first = 0 if recording is None else len(recording)
                     hidden[k] = self._block_layer(layer, layer_idx, hidden[k].to(device), segment.on(device), cache, gates)
+                    if recording is not None:
+                        recorded[k, layer_idx] = recording[first:]
+                        del recording[first:]
                     if slide is not None:
                         cache.slide_windows(slide, layer_indices=[layer_idx])
                 if initial_states is not None and layer_idx + 1 < len(devices):
                     cache.layers[layer_idx + 1].fam_state = next(initial_states)  # runs this layer on S0[l]
             if output_hidden_states:
                 seen.append(torch.cat(hidden, dim=1))
+        for k in range(len(plans)) if recording is not None else ():
+            for layer_idx in range(len(devices)):
+                recording.extend(recorded[k, layer_idx])
         return torch.cat(hidden, dim=1), None if seen is None else tuple(seen)
 
     def _plan_segment(self, cache: FamCache, token_index, real, inputs_embeds) -> _Segment:

@@ -56,6 +56,20 @@ def test_layer_major_equals_block_major_in_one_call_and_chunk_by_chunk(family, f
     assert_logits_close(layer_chunks[keep], layer.logits[keep], what="layer-major, chunked vs one call")
 
 
+def test_layer_major_returns_the_router_logits_and_loss_of_block_major():
+    """Mixture of experts: the same load-balancing loss, and the router logits in the same (block-major) order."""
+    fam = randomize_fam(hf_fam.convert_to_fam(tiny_base("mixtral"), block_size=4, memory_segments=1, fam_length=2)).eval()
+    ids, mask = padded_ids()
+    with torch.no_grad():
+        block, layer = (
+            ordered(fam, order)(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+            for order in ("block", "layer")
+        )
+    assert torch.equal(layer.loss, block.loss) and torch.equal(layer.aux_loss, block.aux_loss)
+    assert len(block.router_logits) == 2 * 6  # 2 layers x 6 block segments
+    assert all(torch.equal(a, b) for a, b in zip(layer.router_logits, block.router_logits, strict=True))
+
+
 def test_layer_major_bswa_limit_is_the_base_model():
     base = tiny_base("llama")
     ids = random_ids(2, 24)
