@@ -62,11 +62,14 @@ def main():
 
     dist.all_gather_single = counting
     ids = random_ids(1, 40, seed=rank)
-    worst = {}
+    worst, backward_gathers = {}, {}
     for order in ("block", "layer"):
         fam.config.loop_order = order
         model.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        gathers.clear()
+        loss.backward()
+        backward_gathers[order] = len(gathers)
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
         worst[order] = max(
             ((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item()
@@ -83,7 +86,8 @@ def main():
             model(input_ids=ids)
         print(
             f"rank={rank} order={order} wrapped_layers={wrapped} trainable={len(grads)} "
-            f"worst_relative_difference={worst[order]:.3g} forward_all_gathers={len(gathers)}",
+            f"worst_relative_difference={worst[order]:.3g} forward_all_gathers={len(gathers)} "
+            f"backward_all_gathers={backward_gathers[order]}",
             flush=True,
         )
     dist.destroy_process_group()

@@ -242,7 +242,11 @@ def test_fsdp2_shards_a_fam_model_and_gives_the_unsharded_gradients():
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     # the two processes' lines can interleave on one line of the captured output
-    lines = re.findall(r"rank=\S+ order=\S+ wrapped_layers=\S+ trainable=\S+ worst_relative_difference=\S+ forward_all_gathers=\d+", result.stdout)
+    lines = re.findall(
+        r"rank=\S+ order=\S+ wrapped_layers=\S+ trainable=\S+ worst_relative_difference=\S+ forward_all_gathers=\d+ "
+        r"backward_all_gathers=\d+",
+        result.stdout,
+    )
     assert len(lines) == 4, result.stdout  # 2 processes x 2 loop orders
     for line in lines:
         fields = dict(item.split("=") for item in line.split())
@@ -251,6 +255,8 @@ def test_fsdp2_shards_a_fam_model_and_gives_the_unsharded_gradients():
         # 5 blocks: block-major gathers each layer once per block, plus layer 0 for the FAM prompt's pass (S0);
         # layer-major once per layer and forward pass
         assert int(fields["forward_all_gathers"]) == {"block": 2 * 5 + 1, "layer": 2}[fields["order"]], line
+        # the backward pass (with checkpointing: recompute and gradients) gathers once per layer call in either order
+        assert int(fields["backward_all_gathers"]) == 2 * 5 + 1, line
 
 
 # ----------------------------------------------------------------------------------- the trainer, in-process
