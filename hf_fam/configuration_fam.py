@@ -83,9 +83,9 @@ class FamConfig(PreTrainedConfig):
             `"layer"`: every block of the input through layer 0, then through layer 1, ...: each decoder layer's
             calls follow one another, so a layer whose weights are sharded (torch FSDP2's `fully_shard`) or
             offloaded (accelerate's `device_map` with `offload_folder` / CPU offload) is gathered or loaded once per
-            forward pass instead of once per block. It keeps the masks of every block of the input until the pass
-            ends. `"auto"`: `"layer"` for an input of several blocks when some decoder layer is sharded or
-            offloaded, `"block"` otherwise.
+            forward pass instead of once per block. It keeps the masks of the input's blocks while the pass runs (up to
+            256 MiB of them; a longer input runs in groups of blocks, once per layer and group). `"auto"`:
+            `"layer"` when some decoder layer is sharded or offloaded, `"block"` otherwise.
         fam_calibration (`dict`, *optional*):
             A record of how the prompt was calibrated at conversion (see `hf_fam.calibration`): steps, window,
             learning rate, seed and the mean KL to BSWA before and after; None if it was not.

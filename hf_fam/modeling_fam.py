@@ -1091,20 +1091,45 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         """Every segment through layer 0, then through layer 1, ...: layer l of segment k reads only layer l-1's
         output on segment k and layer l's own state after segment k-1 (FAM state, key/value window), so the results
         are those of the block-major order. Each layer's calls follow one another, with its weights gathered or
-        loaded once for all of them (`_weights_kept`)."""
-        plans = []  # every segment planned up front: planning reads the per-row counters only, not the buffers
-        for start, end, consumed in spans:
-            segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], inputs_embeds)
-            slide = cache.sliding_rows(segment.completes)
-            plans.append((segment, slide if bool(slide.any()) else None))
-            cache.advance_counters(segment.real_tokens, consumed, segment.fam_rows, segment.completes)
-        hidden = [inputs_embeds[:, start:end] for start, end, _ in spans]
-        seen = [inputs_embeds] if output_hidden_states else None
+        loaded once for all of them (`_weights_kept`).
+
+        The segments' masks are built up front (planning reads the per-row counters only, not the buffers) and kept
+        while every layer runs; an input whose masks would take more than `layer_major_mask_budget` bytes runs as
+        consecutive groups of segments, each group layer-major (one gather per layer and group)."""
+        outputs, seen_per_group = [], []
+        next_span = 0
+        while next_span < len(spans):
+            plans, mask_bytes = [], 0
+            while next_span < len(spans) and (not plans or mask_bytes < self.layer_major_mask_budget):
+                start, end, consumed = spans[next_span]
+                segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], inputs_embeds)
+                slide = cache.sliding_rows(segment.completes)
+                plans.append((segment, slide if bool(slide.any()) else None, inputs_embeds[:, start:end]))
+                cache.advance_counters(segment.real_tokens, consumed, segment.fam_rows, segment.completes)
+                mask_bytes += sum(m.numel() * m.element_size() for m in segment.masks.values() if isinstance(m, torch.Tensor))
+                next_span += 1
+            hidden, seen = self._layer_major_group(plans, cache, devices, gates, output_hidden_states, initial_states)
+            initial_states = None  # S0 is complete after the first group's visit of every layer
+            outputs.extend(hidden)
+            seen_per_group.append(seen)
+        all_hidden = None
+        if output_hidden_states:
+            all_hidden = (inputs_embeds,) + tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*seen_per_group))
+        return torch.cat(outputs, dim=1), all_hidden
+
+    # The masks a layer-major pass keeps at most (bytes) before it runs its segments in groups (see _run_layer_major).
+    layer_major_mask_budget = 256 * 2**20
+
+    def _layer_major_group(self, plans, cache, devices, gates, output_hidden_states, initial_states):
+        """Run the planned segments [(segment, sliding rows or None, input rows)] layer by layer. Returns the last
+        layer's output per segment and, if asked, each layer's output over the group."""
+        hidden = [rows for _, _, rows in plans]
+        seen = []
         recording = self._router_recording
         recorded = {}  # (segment, layer) -> the router logits its call recorded, to return them in block-major order
         for layer_idx, (layer, device) in enumerate(zip(self.decoder_layers, devices)):
             with _weights_kept(layer):
-                for k, (segment, slide) in enumerate(plans):
+                for k, (segment, slide, _) in enumerate(plans):
                     first = 0 if recording is None else len(recording)
                     hidden[k] = self._block_layer(layer, layer_idx, hidden[k].to(device), segment.on(device), cache, gates)
                     if recording is not None:
@@ -1119,7 +1144,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         for k in range(len(plans)) if recording is not None else ():
             for layer_idx in range(len(devices)):
                 recording.extend(recorded[k, layer_idx])
-        return torch.cat(hidden, dim=1), None if seen is None else tuple(seen)
+        return hidden, seen
 
     def _plan_segment(self, cache: FamCache, token_index, real, inputs_embeds) -> _Segment:
         B, M, F = self.config.block_size, self.config.memory_segments, self.config.fam_length

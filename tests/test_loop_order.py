@@ -12,6 +12,7 @@ from test_fam_core import randomize_fam
 from test_hardware import offloaded, saved_fam
 
 import hf_fam
+from hf_fam import modeling_fam
 
 
 def ordered(fam, order):
@@ -124,3 +125,30 @@ def test_layer_major_loads_an_offloaded_layer_once_per_forward(tmp_path):
             assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # released afterwards
     segments = 6  # 23 columns, block 4, aligned rows: blocks end at columns 3, 7, 11, 15, 19, then 20..22
     assert per_order == {"block": segments, "auto": 1, "layer": 1}
+
+
+@pytest.mark.parametrize("budget,groups", [(1, 6), (2000, 2)])
+def test_layer_major_runs_long_inputs_in_groups_within_the_mask_budget(budget, groups, monkeypatch):
+    """Masks beyond the budget: the segments run in groups, each layer gathered once per group, results unchanged.
+    (Each segment's mask here: 2 rows x (2 FAM + 4 tokens) queries x (2 FAM + 4 to 8 window) keys in float32, 288 to
+    480 bytes, six of them: with 2,000 bytes, two groups.)"""
+    fam = randomize_fam(hf_fam.convert_to_fam(tiny_base("llama"), block_size=4, memory_segments=1, fam_length=2)).eval()
+    ids, mask = padded_ids()
+    with torch.no_grad():
+        expected = ordered(fam, "block")(ids, attention_mask=mask, output_hidden_states=True)
+        monkeypatch.setattr(type(fam), "layer_major_mask_budget", budget)
+        calls = []
+        handle = fam.model.layers[1].register_forward_pre_hook(lambda module, args: calls.append(1))
+        visits = []
+        kept = modeling_fam._weights_kept
+
+        def counting(layer):
+            visits.append(layer)
+            return kept(layer)
+
+        monkeypatch.setattr(modeling_fam, "_weights_kept", counting)
+        out = ordered(fam, "layer")(ids, attention_mask=mask, output_hidden_states=True)
+        handle.remove()
+    assert len(calls) == 6 and visits.count(fam.model.layers[1]) == groups
+    assert torch.equal(out.logits, expected.logits)
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, expected.hidden_states, strict=True))
