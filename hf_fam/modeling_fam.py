@@ -859,7 +859,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 )
             raise ValueError("The input has no tokens (sequence length 0).")
         with self._flex_compile_settings(inputs_embeds.device):
-            layer_major = self._runs_layer_major()
+            # one column (a decoding step) is one segment, the same calls in either order: skip the per-layer checks
+            layer_major = columns > 1 and self._runs_layer_major()
             # layer-major: S0[l+1] is computed by layer l while its weights are there for the block segments anyway
             cache, initial_states = self._stream_cache(
                 cache, batch, inputs_embeds, fam_position_offset, fam_state, lazy_initial_state=layer_major
