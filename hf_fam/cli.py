@@ -212,16 +212,13 @@ def _resolve_convert_settings(args):
 
 
 def _read_calibration_text(path) -> str | None:
-    from .io_utils import TextFileError, read_text_file
+    from .io_utils import read_text_file  # its TextFileError is a ValueError: main() reports it as a user error
 
     if path is None:
         return None
-    try:
-        return read_text_file(
-            path, "--calibration-text", "pass a UTF-8 text file, or leave the option out to calibrate on the default text"
-        )
-    except TextFileError as error:
-        raise CommandError(str(error)) from None
+    return read_text_file(
+        path, "--calibration-text", "pass a UTF-8 text file, or leave the option out to calibrate on the default text"
+    )
 
 
 def cmd_convert(args) -> int:
@@ -378,12 +375,9 @@ def _read_prompt(args) -> str:
     elif args.prompt_file == "-":
         text = sys.stdin.read()
     else:
-        from .io_utils import TextFileError, read_text_file
+        from .io_utils import read_text_file  # its TextFileError is a ValueError: main() reports it as a user error
 
-        try:
-            text = read_text_file(args.prompt_file, "--prompt-file", "pass a UTF-8 text file, or '-' for standard input")
-        except TextFileError as error:
-            raise CommandError(str(error)) from None
+        text = read_text_file(args.prompt_file, "--prompt-file", "pass a UTF-8 text file, or '-' for standard input")
     if args.question:
         text = f"{text.rstrip()}\n\n{args.question}"
     if not text.strip():

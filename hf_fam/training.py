@@ -180,12 +180,13 @@ def load_fam_model(
     from .sources import load_source, resolve_dtype
 
     settings = dict(fam_settings or {})
+    fam_source = is_fam_checkpoint(source)
     calibration = None
     if trained_from is not None:
         calibration = (read_training_info(trained_from).get("fam_settings") or {}).get("fam_calibration")
-        if not is_fam_checkpoint(source):
+        if not fam_source:
             settings["calibration_steps"] = 0
-    if is_fam_checkpoint(source):
+    if fam_source:
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=resolve_dtype(dtype), **settings)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         base_model = existing_card_data(source).get("base_model") if Path(str(source)).is_dir() else None
