@@ -16,9 +16,9 @@ import argparse
 import random
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_fam.conversion import bswa_twin
+from hf_fam.evaluation import EvaluationError, load_fam
 from hf_fam.tasks import passkey_example
 
 
@@ -36,9 +36,15 @@ def main():
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--key-digits", type=int, default=2)
     args = parser.parse_args()
+    if args.trials < 1 or args.key_digits < 1 or any(filler < 0 for filler in args.fillers):
+        parser.error("--trials and --key-digits must be at least 1, and --fillers numbers of tokens >= 0")
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    fam = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    try:
+        fam, tokenizer = load_fam(args.model, dtype="float32")  # the evaluation's loader: a clear error for a bad path
+    except EvaluationError as error:
+        raise SystemExit(f"key_sensitivity.py: error: {error}") from None
+    if fam.config.fam_length == 0:
+        raise SystemExit(f"key_sensitivity.py: error: {args.model} has no FAM (fam_length 0): it is BSWA already.")
     models = {"FAM": fam, "BSWA": bswa_twin(fam).eval()}
     digit_ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
     low, high = 10 ** (args.key_digits - 1), 10**args.key_digits
@@ -52,8 +58,13 @@ def main():
             prompts = []
             for key in (key_a, key_b):
                 example = passkey_example(tokenizer, random.Random(trial), filler, depth=0.0, key=key)
-                ids = example.as_features()["input_ids"]
-                prompts.append(ids[: len(ids) - args.key_digits])  # up to the answer's leading space
+                digits = example.answer_ids[-args.key_digits :]
+                if [tokenizer.decode([t]).strip() for t in digits] != list(str(key)):
+                    raise SystemExit(
+                        "key_sensitivity.py: error: this tokenizer does not write the key one token per digit; the "
+                        "diagnostic compares distributions over the ten digit tokens and needs that."
+                    )
+                prompts.append(example.prompt_ids + example.answer_ids[: -args.key_digits])  # up to the first digit
             for name, model in models.items():
                 p_a, p_b = (first_digit_distribution(model, ids, digit_ids) for ids in prompts)
                 distance[name] += 0.5 * float((p_a - p_b).abs().sum()) / args.trials
