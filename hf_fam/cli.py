@@ -329,10 +329,10 @@ def cmd_info(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise CommandError(f"{path} does not exist; pass a folder written by `hf-fam convert`.")
-    if not (path / "config.json").is_file():
-        raise CommandError(f"{path} has no config.json; pass a folder written by `hf-fam convert`.")
     from .card import folder_model_type, human_bytes, human_count, summarize
-    from .io_utils import DamagedFileError
+    from .io_utils import DamagedFileError, check_model_folder
+
+    check_model_folder(path, tokenizer=False)  # a config.json and readable weights; info needs no tokenizer
 
     model_type = folder_model_type(path)
     if model_type != "fam":
@@ -386,7 +386,7 @@ def _read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .io_utils import CONVERTED_FIX, check_tokenizer_folder, check_weights_folder
+    from .io_utils import check_model_folder
     from .sources import check_hub_model, resolve_dtype
 
     if args.max_new_tokens < 1:
@@ -410,10 +410,7 @@ def cmd_generate(args) -> int:
     path = args.path
     local_files_only = False
     if Path(path).exists():
-        if not (Path(path) / "config.json").is_file():
-            raise CommandError(f"{path} is not a model folder (it has no config.json); pass a folder written by `hf-fam convert`.")
-        check_weights_folder(path, CONVERTED_FIX)
-        check_tokenizer_folder(path)
+        check_model_folder(path)
     else:
         local_files_only = check_hub_model(path)
     import torch

@@ -89,13 +89,13 @@ def load_fam(path: str | os.PathLike, dtype: str = "auto"):
     """The FamForCausalLM and tokenizer of a converted folder (or Hub id), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .io_utils import check_tokenizer_folder
+    from .io_utils import DamagedFileError, check_model_folder
     from .modeling_fam import FamForCausalLM
     from .sources import resolve_dtype
 
     try:
-        check_tokenizer_folder(path)
-    except FileNotFoundError as error:
+        check_model_folder(path)
+    except (FileNotFoundError, DamagedFileError) as error:
         raise EvaluationError(str(error)) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .card import existing_card_data, render_model_card
+from .io_utils import DamagedFileError, check_model_folder
 
 
 logger = logging.get_logger(__name__)
@@ -153,8 +154,12 @@ def push_folder(
     from .sources import _is_connection_error
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise PushError(f"{folder} has no config.json: push a folder written by `hf-fam convert` or save_pretrained.")
+    if not folder.is_dir():
+        raise PushError(f"{folder} is not a folder: push a folder written by `hf-fam convert` or save_pretrained.")
+    try:
+        check_model_folder(folder, tokenizer=False)  # a model without its tokenizer is still a model users can fix
+    except (FileNotFoundError, DamagedFileError) as error:
+        raise PushError(str(error)) from None
     token = check_can_push(repo_id, token)
     card_text = str(model_card(folder, repo_id=repo_id)) if regenerate_card else None
     api = HfApi(token=token)

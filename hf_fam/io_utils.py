@@ -127,6 +127,27 @@ def check_tokenizer_folder(folder: str | os.PathLike) -> None:
         )
 
 
+def check_model_folder(folder: str | os.PathLike, tokenizer: bool = True) -> None:
+    """Check that the local folder `folder` is a saved model, in the order a user would fix it: a config.json, then
+    readable *.safetensors weights, then (with `tokenizer`) tokenizer files. Raises `FileNotFoundError` or
+    `DamagedFileError` with what to do; a path that does not exist (a Hub id) is left to the loader."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is a file; pass a model folder written by `hf-fam convert` or save_pretrained.")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a model folder (it has no config.json); pass a folder written by `hf-fam convert` or "
+            "save_pretrained."
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"No .safetensors weights in {folder} (only its config?). {CONVERTED_FIX}")
+    check_weights_folder(folder, CONVERTED_FIX)
+    if tokenizer:
+        check_tokenizer_folder(folder)
+
+
 def check_safetensors(path: str | os.PathLike, fix: str) -> None:
     """Raise `DamagedFileError` (naming the file and `fix`) if the safetensors file at `path` cannot be opened."""
     from safetensors import SafetensorError, safe_open

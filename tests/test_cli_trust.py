@@ -273,10 +273,23 @@ def test_a_model_folder_without_a_tokenizer_says_so(command, folders):
     assert "sentencepiece" not in result.stderr
 
 
-def test_info_on_a_folder_without_weights_says_what_to_do(folders, tmp_path):
+@pytest.mark.parametrize("command", ["info", "generate", "eval passkey", "eval perplexity"])
+def test_a_folder_that_is_not_a_model_says_what_is_missing(command, folders, tmp_path):
+    """One check for every command that reads a converted folder, in the order a user fixes it: config.json, then
+    weights, then the tokenizer. `eval` on an empty folder said it was "converted from a source without [a tokenizer]"."""
+    (tmp_path / "text.txt").write_text("Some text to score. " * 20)
+    extra = {"generate": ["--prompt", "Hi"], "eval perplexity": ["--text", tmp_path / "text.txt"]}.get(command, [])
+
+    def run(folder):
+        return hf_fam_cli(*command.split(), folder, *extra)
+
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run(tmp_path / "empty"), "is not a model folder (it has no config.json)", "hf-fam convert")
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "config.json").write_bytes((folders["tiny-fam"] / "config.json").read_bytes())
-    assert_clean_error(hf_fam_cli("info", tmp_path / "config-only"), "No .safetensors weights in", "hf-fam convert")
+    result = run(tmp_path / "config-only")
+    assert_clean_error(result, "No .safetensors weights in", "hf-fam convert")
+    assert "has no tokenizer" not in result.stderr
 
 
 def test_block_size_beyond_max_position_embeddings_warns(folders, tmp_path):
