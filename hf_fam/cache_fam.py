@@ -159,6 +159,9 @@ class FamCache(Cache):
         self.token_count: torch.Tensor | None = None  # (b,) real tokens consumed
         self.position_offset: torch.Tensor | None = None  # (b,) added to every position (training recipe)
         self.fam_kv_fresh: torch.Tensor | None = None  # (b,) FAM slots hold the keys of fam_state for this block
+        # (b, hidden) normed final hidden state of each row's last real token: it predicts the stream's next token, so
+        # a stream scored in several calls (stream_log_likelihood) scores the first token of every call.
+        self.last_hidden_state: torch.Tensor | None = None
         self.seen_columns = 0
 
     @classmethod
@@ -230,6 +233,7 @@ class FamCache(Cache):
             position_offset = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.position_offset = position_offset.to(device=device, dtype=torch.long).expand(batch_size).clone()
         self.fam_kv_fresh = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.last_hidden_state = None
         self.seen_columns = 0
 
     def without_history(self) -> FamCache:
@@ -248,7 +252,7 @@ class FamCache(Cache):
         layer_devices = [device] * len(self.layers) if layer_devices is None else layer_devices
         if len(layer_devices) != len(self.layers):
             raise ValueError(f"layer_devices needs one device per layer ({len(self.layers)}), got {len(layer_devices)}")
-        for name in ("token_count", "position_offset", "fam_kv_fresh"):
+        for name in _ROW_STATE:
             tensor = getattr(self, name)
             if tensor is not None and tensor.device != device:
                 setattr(self, name, tensor.to(device))
@@ -260,6 +264,17 @@ class FamCache(Cache):
             if layer.keys is not None and (not layer.is_initialized or getattr(layer, "device", None) != layer.keys.device):
                 layer.store(layer.keys, layer.values)  # is_initialized, dtype and device follow the buffers
         return self
+
+    def keep_last_hidden_state(self, hidden_states: torch.Tensor, real: torch.Tensor) -> None:
+        """Keep, for each row with a real token among the (b, n) columns `real`, the normed final hidden state
+        (b, n, hidden) `hidden_states` of its last one (detached); other rows keep theirs."""
+        hidden_states = hidden_states.detach()
+        last = real.shape[1] - 1 - real.flip(1).int().argmax(1)  # each row's last real column
+        latest = hidden_states[torch.arange(real.shape[0], device=real.device), last]
+        if self.last_hidden_state is None:
+            self.last_hidden_state = latest
+        else:
+            self.last_hidden_state = torch.where(real.any(1)[:, None], latest, self.last_hidden_state.to(latest))
 
     def set_fam_state(self, fam_state: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
         """Set S[l] for every layer (e.g. the initial state, or a state kept from an earlier stream)."""
@@ -345,7 +360,7 @@ class FamCache(Cache):
         return self.window_size
 
     def _apply_to_rows(self, fn) -> None:
-        for name in ("token_count", "position_offset", "fam_kv_fresh"):
+        for name in _ROW_STATE:
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
 
@@ -372,7 +387,7 @@ class FamCache(Cache):
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
-        self.token_count = self.position_offset = self.fam_kv_fresh = None
+        self.token_count = self.position_offset = self.fam_kv_fresh = self.last_hidden_state = None
         self.seen_columns = 0
 
     # ------------------------------------------------------------------------------------------ save / restore
@@ -382,11 +397,7 @@ class FamCache(Cache):
 
         if not self.is_started:
             raise ValueError("Nothing to save: this FamCache has not been used by a forward pass yet.")
-        tensors = {
-            "token_count": self.token_count,
-            "position_offset": self.position_offset,
-            "fam_kv_fresh": self.fam_kv_fresh,
-        }
+        tensors = {name: getattr(self, name) for name in _ROW_STATE if getattr(self, name) is not None}
         for idx, layer in enumerate(self.layers):
             for name, tensor in layer.tensors().items():
                 tensors[f"layers.{idx}.{name}"] = tensor
@@ -441,8 +452,9 @@ class FamCache(Cache):
                 )
             cache = cls(**json.loads(metadata["settings"]))
             cache.seen_columns = int(metadata["seen_columns"])
-            for name in ("token_count", "position_offset", "fam_kv_fresh"):
-                setattr(cache, name, f.get_tensor(name))
+            for name in _ROW_STATE:
+                if name in f.keys() or name != "last_hidden_state":  # a file from before it was kept has none
+                    setattr(cache, name, f.get_tensor(name))
             for key in f.keys():
                 if key.startswith("layers."):
                     _, idx, name = key.split(".", 2)
@@ -450,5 +462,8 @@ class FamCache(Cache):
                     setattr(layer, name, f.get_tensor(key))
         return cache.place(device, layer_devices)
 
+
+# Per-row tensors of a FamCache (on the input's device; moved, reordered, saved with the stream).
+_ROW_STATE = ("token_count", "position_offset", "fam_kv_fresh", "last_hidden_state")
 
 __all__ = ["FamCache", "FamCacheLayer"]

@@ -873,6 +873,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 inputs_embeds, real, cache, output_hidden_states, layer_major, initial_states
             )
         hidden_states = self.final_norm(hidden_states)
+        cache.keep_last_hidden_state(hidden_states, real)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
         return hidden_states, all_hidden, cache

@@ -7,8 +7,11 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .cache_fam import FamCache
+
+logger = logging.get_logger(__name__)
 
 
 def _stream_cache(model, cache: FamCache | None) -> FamCache:
@@ -68,10 +71,20 @@ def stream_log_likelihood(
     Yields:
         For each chunk, float32 `log p(token | everything before it)` for its tokens, shape (batch, n), except that
         the first token of a new stream has nothing before it: the first chunk of a new stream yields n - 1 values.
-        Results equal those of a single forward pass over the concatenated stream.
+        Results equal those of a single forward pass over the concatenated stream, also when the stream is scored
+        in several calls that continue one cache (the cache keeps the last token's hidden state, which predicts the
+        next call's first token).
     """
     cache = _stream_cache(model, cache)
     last = None  # logits of the previous chunk's last token: they predict this chunk's first token
+    if cache.is_started and bool((cache.token_count > 0).all()):
+        if cache.last_hidden_state is None:  # a cache file saved before hf-fam kept it
+            logger.warning(
+                "This FamCache does not hold its last token's hidden state (saved by an older hf-fam): the first "
+                "token of this call cannot be scored and is left out."
+            )
+        else:
+            last = model.logits_from_hidden_states(cache.last_hidden_state[:, None].to(_input_device(model)))
     for ids in _chunks(token_chunks, _input_device(model), show_progress, "scoring"):
         hidden, _, _ = model.final_hidden_states(ids, cache=cache)
         scored = [] if last is None else [_token_log_likelihoods(last, ids[:, :1])]

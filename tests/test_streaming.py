@@ -200,6 +200,42 @@ def test_stream_log_likelihood_equals_one_call(family, attn, cuts):
     torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_stream_scored_in_several_calls_loses_no_token(family, tmp_path):
+    """Continuing a cache (in memory, after a plain forward call on it, or restored from a file) scores the first
+    token of every call: each call dropped it, because the previous call's last logits were not kept."""
+    model = fam_model(family, 8, 1, 2)
+    ids = random_ids(2, 70, seed=3)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(ids).logits.float(), dim=-1)
+    expected = log_probs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    cache = model.new_cache()
+    first = torch.cat(list(hf_fam.stream_log_likelihood(model, [ids[:, :20]], cache=cache)), dim=1)
+    second = torch.cat(list(hf_fam.stream_log_likelihood(model, [ids[:, 20:33], ids[:, 33:41]], cache=cache)), dim=1)
+    with torch.no_grad():
+        model(ids[:, 41:50], cache=cache)  # a plain call between: its last token predicts the next call's first
+    cache.save(tmp_path / "stream.safetensors")
+    restored = FamCache.load(tmp_path / "stream.safetensors", model=model)
+    third = torch.cat(list(hf_fam.stream_log_likelihood(model, [ids[:, 50:]], cache=restored)), dim=1)
+    assert (first.shape[1], second.shape[1], third.shape[1]) == (19, 21, 20)
+    torch.testing.assert_close(torch.cat([first, second], 1), expected[:, :40], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(third, expected[:, 49:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_padded_call_keeps_each_rows_last_real_token():
+    """Right padding in a call: the kept hidden state is the row's last real token's, not the padding column's."""
+    model = fam_model("llama", 8, 1, 2)
+    ids = random_ids(2, 12, seed=4)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    cache = model.new_cache()
+    with torch.no_grad():
+        hidden, _, _ = model.final_hidden_states(ids, attention_mask=mask, cache=cache)
+        alone = model.final_hidden_states(ids[1:, :9], cache=model.new_cache())[0]
+    torch.testing.assert_close(cache.last_hidden_state[0], hidden[0, -1])
+    assert_logits_close(cache.last_hidden_state[1:], alone[:, -1], what="hidden states")
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_stream_hidden_states_equal_one_call(attn):
     model = fam_model("olmo2", 8, 1, 2, attn)
