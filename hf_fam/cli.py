@@ -229,8 +229,13 @@ def cmd_convert(args) -> int:
     if args.private and not args.push_to_hub:
         raise CommandError("--private applies to the repository --push-to-hub creates; add --push-to-hub REPO_ID, or leave out --private.")
     if args.revision is not None and (source is None or args.gguf_file or Path(source).expanduser().exists()):
-        what = "the embedded default" if source is None else f"{source}, a local path,"
-        raise CommandError(f"--revision picks a revision of a Hub SOURCE, and {what} has none; leave out --revision.")
+        if source is None or Path(source).expanduser().exists():
+            what = "the embedded default" if source is None else f"{source}, a local path,"
+            raise CommandError(f"--revision picks a revision of a Hub SOURCE, and {what} has none; leave out --revision.")
+        raise CommandError(
+            "--revision picks a revision of a Hub SOURCE, but --gguf-file reads a file in a local folder (SOURCE "
+            f"{source} is not one): download the .gguf file, pass its folder as SOURCE, and leave out --revision."
+        )
     if args.push_to_hub:
         from .hub import check_can_push
 
@@ -412,7 +417,7 @@ def cmd_generate(args) -> int:
     if Path(path).exists():
         check_model_folder(path)
     else:
-        local_files_only = check_hub_model(path)
+        local_files_only = check_hub_model(path, gguf=False)  # generate reads converted folders only
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -583,7 +588,17 @@ def _user_errors() -> tuple:
 
 
 def _set_verbosity(verbose: bool) -> None:
-    """transformers' log level, without importing transformers when it is not imported yet."""
+    """The log level of hf_fam's own loggers and of transformers' (without importing transformers when it is not
+    imported yet). hf_fam's loggers are not under transformers': without a handler of their own, Python would show
+    their warnings only, so -v showed transformers' informational logs but none of hf-fam's."""
+    import logging
+
+    package_logger = logging.getLogger("hf_fam")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

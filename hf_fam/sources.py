@@ -127,8 +127,10 @@ def _is_connection_error(error: Exception) -> bool:
     return isinstance(error, OSError) or bool(names & {"TransportError", "ConnectError", "TimeoutException", "NetworkError"})
 
 
-def check_hub_model(name: str, *, revision: str | None = None, token=None) -> bool:
+def check_hub_model(name: str, *, revision: str | None = None, token=None, gguf: bool = True) -> bool:
     """Check that `name`, which is not a local path, is a model the Hub (or the local Hub cache) can give.
+
+    `gguf`: whether the caller also takes a local .gguf file (the messages offer one only then).
 
     One request with a short timeout and no retries, so a mistyped folder name or a machine without network is
     reported in a second, in one `SourceError` saying what to do. Returns True when only the local Hub cache can
@@ -138,14 +140,15 @@ def check_hub_model(name: str, *, revision: str | None = None, token=None) -> bo
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.utils import validate_repo_id
 
+    local = "folder or .gguf file" if gguf else "model folder"
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise SourceError(f"{name} does not exist. Pass an existing folder, a .gguf file, or a Hub id like org/name.")
+        raise SourceError(f"{name} does not exist. Pass an existing {local}, or a Hub id like org/name.")
     try:
         validate_repo_id(name)
     except HFValidationError:
         raise SourceError(
             f"{name} is not a local folder, nor a valid Hub id (org/name: letters, digits, '-', '_' and '.'). "
-            "Check the name, or pass an existing folder or .gguf file."
+            f"Check the name, or pass an existing {local}."
         ) from None
     cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
     if constants.HF_HUB_OFFLINE:
@@ -153,8 +156,7 @@ def check_hub_model(name: str, *, revision: str | None = None, token=None) -> bo
             return True
         raise SourceError(
             f"{name} is not a local folder, and HF_HUB_OFFLINE is set, so the Hub was not asked for it (it is not in "
-            "the local Hub cache either). Pass an existing local folder or .gguf file, or unset HF_HUB_OFFLINE to "
-            "download it."
+            f"the local Hub cache either). Pass an existing local {local}, or unset HF_HUB_OFFLINE to download it."
         )
     try:
         HfApi(token=token).model_info(name, revision=revision, timeout=HUB_CHECK_TIMEOUT)
@@ -175,8 +177,7 @@ def check_hub_model(name: str, *, revision: str | None = None, token=None) -> bo
             return True
         raise SourceError(
             f"{name} is not a local folder, and the Hugging Face Hub could not be reached to look it up ({error}). "
-            "Are you offline? Check the connection (and HF_ENDPOINT if you set it), or pass a local folder or .gguf "
-            "file instead."
+            f"Are you offline? Check the connection (and HF_ENDPOINT if you set it), or pass a local {local} instead."
         ) from None
     return False
 

@@ -3,13 +3,14 @@ presets, and every error path (one paragraph, non-zero exit, no traceback, nothi
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_logits_close, random_ids, smollm2_gguf_path, tiny_base
+from conftest import assert_logits_close, build_tiny_tokenizer, random_ids, smollm2_gguf_path, tiny_base
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_fam
@@ -328,6 +329,19 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
             pass
 
 
+def test_verbose_shows_hf_fams_own_informational_logs(base_folders, tmp_path):
+    """-v raised transformers' log level only; hf_fam's loggers (not under transformers') showed warnings only."""
+    source = tmp_path / "base"
+    shutil.copytree(base_folders["llama"], source)
+    build_tiny_tokenizer().save_pretrained(source)
+    args = ("--block-size", 8, "--memory-segments", 1, "--fam-length", 3, "--calibration-steps", 1)
+    quiet = hf_fam_cli("convert", source, tmp_path / "quiet", *args)
+    verbose = hf_fam_cli("convert", source, tmp_path / "verbose", *args, "-v")
+    assert quiet.returncode == 0 and verbose.returncode == 0, verbose.stderr[-2000:]
+    info = "FAM prompt calibrated: mean KL to BSWA"  # calibration.py's logger.info
+    assert info in verbose.stderr and info not in quiet.stderr
+
+
 # ------------------------------------------------------------------------------------------ the real checkpoint
 @pytest.fixture(scope="module")
 def converted_smollm2_run(tmp_path_factory):
@@ -428,6 +442,10 @@ def test_convert_option_mistakes_are_refused_before_loading(tmp_path):
     result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--revision", "v2")
     assert_clean_error(result, "a local path, has none; leave out --revision")
     assert not (tmp_path / "out").exists()
+    # a Hub id with --gguf-file was called "a local path"
+    result = hf_fam_cli("convert", "org/model", tmp_path / "out", "--gguf-file", "m.gguf", "--revision", "v2")
+    assert_clean_error(result, "--gguf-file reads a file in a local folder (SOURCE org/model is not one)")
+    assert "a local path" not in result.stderr
     # a missing --calibration-text was reported as "cannot read it as UTF-8 text"
     result = hf_fam_cli("convert", tmp_path / "src", tmp_path / "out", "--calibration-text", tmp_path / "missing.txt")
     assert_clean_error(result, "missing.txt does not exist")

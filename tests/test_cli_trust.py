@@ -285,6 +285,10 @@ def test_a_folder_that_is_not_a_model_says_what_is_missing(command, folders, tmp
 
     (tmp_path / "empty").mkdir()
     assert_clean_error(run(tmp_path / "empty"), "is not a model folder (it has no config.json)", "hf-fam convert")
+    if command == "generate":  # generate reads converted folders only: it offered a .gguf file, then refused it
+        result = run(tmp_path / "missing")
+        assert_clean_error(result, "does not exist. Pass an existing model folder, or a Hub id")
+        assert ".gguf" not in result.stderr
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "config.json").write_bytes((folders["tiny-fam"] / "config.json").read_bytes())
     result = run(tmp_path / "config-only")
