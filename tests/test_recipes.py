@@ -497,3 +497,40 @@ def test_mixtral_router_load_balancing_loss_is_added_to_the_training_loss(tmp_pa
     trainer.train()
     logged = trainer.state.log_history[0]["loss"]
     assert abs(logged - expected) <= 1e-5 * expected, (logged, expected, float(token_loss))
+
+
+# ------------------------------------------------------------------------------------- passkey diagnostics
+@pytest.fixture(scope="module")
+def tiny_fam_dir(tmp_path_factory):
+    """A tiny FAM model (B = 16, M = 0, F = 4) with the tiny tokenizer, as `hf-fam convert` writes it."""
+    folder = tmp_path_factory.mktemp("tiny_fam") / "model"
+    hf_fam.convert_to_fam(tiny_base("llama"), **FAM).save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_script(name, *args):
+    command = [sys.executable, str(ROOT / "recipes" / name), *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_key_sensitivity_finds_bswa_blind_past_its_block(tiny_fam_dir):
+    """With M = 0, BSWA sees nothing before the question's block: its distance between two keys is exactly 0."""
+    result = run_script("key_sensitivity.py", tiny_fam_dir, "--fillers", 48, "--trials", 2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert "BSWA 0.00000" in line and "FAM " in line, line
+
+
+def test_fam_attention_prints_every_layer_and_refuses_a_key_in_the_questions_block(tiny_fam_dir, tmp_path):
+    result = run_script("fam_attention.py", tiny_fam_dir, "--filler", 48, "--trials", 1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row[0]) for row in rows] == list(range(tiny_base("llama").config.num_hidden_layers))
+    shares = [float(cell.split()[0]) for row in rows for cell in row[1:]]
+    assert all(0 <= share <= 1 for share in shares) and any(share > 0 for share in shares)
+    wide = tmp_path / "wide"  # blocks of 512 tokens: the key and the question share one
+    hf_fam.convert_to_fam(tiny_base("llama"), **{**FAM, "block_size": 512}).save_pretrained(wide)
+    build_tiny_tokenizer().save_pretrained(wide)
+    short = run_script("fam_attention.py", wide, "--filler", 0, "--trials", 1)
+    assert short.returncode == 1 and "give a longer --filler" in short.stderr and "Traceback" not in short.stderr
