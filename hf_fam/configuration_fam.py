@@ -81,9 +81,10 @@ class FamConfig(PreTrainedConfig):
             The order in which a forward pass runs its (block, layer) pairs; the results are the same either way.
             `"block"`: each block through every layer, then the next block (what streaming and decoding do).
             `"layer"`: every block of the input through layer 0, then through layer 1, ...: each decoder layer's
-            calls follow one another, so a layer whose weights are sharded (torch FSDP2's `fully_shard`) or
-            offloaded (accelerate's `device_map` with `offload_folder` / CPU offload) is gathered or loaded once per
-            forward pass instead of once per block. It keeps the masks of the input's blocks while the pass runs (up to
+            calls follow one another, so a layer whose weights are sharded (torch FSDP2's `fully_shard`, DeepSpeed
+            ZeRO-3 once its trace is recorded, when one layer fits in `stage3_max_reuse_distance`) or offloaded
+            (accelerate's `device_map` with `offload_folder` / CPU offload) is gathered or loaded once per forward
+            pass instead of once per block. It keeps the masks of the input's blocks while the pass runs (up to
             256 MiB of them; a longer input runs in groups of blocks, once per layer and group). `"auto"`:
             `"layer"` when some decoder layer is sharded or offloaded, `"block"` otherwise.
         fam_calibration (`dict`, *optional*):

@@ -484,8 +484,15 @@ def _is_fully_sharded(module: nn.Module) -> bool:
 
 
 def _gathered_per_call(layer: nn.Module) -> bool:
-    """Whether a call of `layer` gathers (FSDP2) or loads (accelerate offload) its weights first."""
-    return _is_fully_sharded(layer) or bool(_offload_hooks(layer))
+    """Whether a call of `layer` gathers (FSDP2, DeepSpeed ZeRO-3) or loads (accelerate offload) its weights first."""
+    return _is_fully_sharded(layer) or _is_zero3_partitioned(layer) or bool(_offload_hooks(layer))
+
+
+def _is_zero3_partitioned(layer: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions `layer`'s parameters (it gives each one a `ds_id`). Nothing more is needed
+    for them: ZeRO-3 keeps a parameter gathered when it is used again within `stage3_max_reuse_distance` elements,
+    which the layer-major order makes one layer's worth (measured in tests/zero3_worker.py)."""
+    return any(hasattr(parameter, "ds_id") for parameter in layer.parameters(recurse=True))
 
 
 def _reshards_after_forward(module: nn.Module) -> bool:

@@ -127,6 +127,15 @@ def test_layer_major_loads_an_offloaded_layer_once_per_forward(tmp_path):
     assert per_order == {"block": segments, "auto": 1, "layer": 1}
 
 
+def test_auto_runs_layer_major_for_zero3_partitioned_layers():
+    """DeepSpeed ZeRO-3 marks the parameters it partitions with `ds_id` (tests/zero3_worker.py runs the real thing
+    where DeepSpeed is installed): "auto" then runs layer-major, and block-major for the same model unmarked."""
+    model = hf_fam.convert_to_fam(tiny_base("llama"), block_size=4, memory_segments=1, fam_length=2)
+    assert not model._runs_layer_major()
+    model.model.layers[1].mlp.down_proj.weight.ds_id = 7
+    assert model._runs_layer_major()
+
+
 @pytest.mark.parametrize("budget,groups", [(1, 6), (2000, 2)])
 def test_layer_major_runs_long_inputs_in_groups_within_the_mask_budget(budget, groups, monkeypatch):
     """Masks beyond the budget: the segments run in groups, each layer gathered once per group, results unchanged.
