@@ -160,7 +160,8 @@ class FamCache(Cache):
         self.position_offset: torch.Tensor | None = None  # (b,) added to every position (training recipe)
         self.fam_kv_fresh: torch.Tensor | None = None  # (b,) FAM slots hold the keys of fam_state for this block
         # (b, hidden) normed final hidden state of each row's last real token: it predicts the stream's next token, so
-        # a stream scored in several calls (stream_log_likelihood) scores the first token of every call.
+        # a stream scored in several calls (stream_log_likelihood) scores the first token of every call. It stays on
+        # the device of the final hidden states (the head's), not the counters'.
         self.last_hidden_state: torch.Tensor | None = None
         self.seen_columns = 0
 
@@ -252,7 +253,7 @@ class FamCache(Cache):
         layer_devices = [device] * len(self.layers) if layer_devices is None else layer_devices
         if len(layer_devices) != len(self.layers):
             raise ValueError(f"layer_devices needs one device per layer ({len(self.layers)}), got {len(layer_devices)}")
-        for name in _ROW_STATE:
+        for name in _COUNTERS:
             tensor = getattr(self, name)
             if tensor is not None and tensor.device != device:
                 setattr(self, name, tensor.to(device))
@@ -269,6 +270,7 @@ class FamCache(Cache):
         """Keep, for each row with a real token among the (b, n) columns `real`, the normed final hidden state
         (b, n, hidden) `hidden_states` of its last one (detached); other rows keep theirs."""
         hidden_states = hidden_states.detach()
+        real = real.to(hidden_states.device)
         last = real.shape[1] - 1 - real.flip(1).int().argmax(1)  # each row's last real column
         latest = hidden_states[torch.arange(real.shape[0], device=real.device), last]
         if self.last_hidden_state is None:
@@ -463,7 +465,8 @@ class FamCache(Cache):
         return cache.place(device, layer_devices)
 
 
-# Per-row tensors of a FamCache (on the input's device; moved, reordered, saved with the stream).
-_ROW_STATE = ("token_count", "position_offset", "fam_kv_fresh", "last_hidden_state")
+# Per-row tensors of a FamCache (reordered and saved with the stream); the counters live on the input's device.
+_COUNTERS = ("token_count", "position_offset", "fam_kv_fresh")
+_ROW_STATE = (*_COUNTERS, "last_hidden_state")
 
 __all__ = ["FamCache", "FamCacheLayer"]

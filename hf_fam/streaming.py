@@ -77,16 +77,18 @@ def stream_log_likelihood(
     """
     cache = _stream_cache(model, cache)
     last = None  # logits of the previous chunk's last token: they predict this chunk's first token
+    previous = None  # the continued cache's last hidden state, projected once the head's device is known
     if cache.is_started and bool((cache.token_count > 0).all()):
-        if cache.last_hidden_state is None:  # a cache file saved before hf-fam kept it
+        previous = cache.last_hidden_state
+        if previous is None:  # a cache file saved before hf-fam kept it
             logger.warning(
                 "This FamCache does not hold its last token's hidden state (saved by an older hf-fam): the first "
                 "token of this call cannot be scored and is left out."
             )
-        else:
-            last = model.logits_from_hidden_states(cache.last_hidden_state[:, None].to(_input_device(model)))
     for ids in _chunks(token_chunks, _input_device(model), show_progress, "scoring"):
         hidden, _, _ = model.final_hidden_states(ids, cache=cache)
+        if previous is not None:
+            last, previous = model.logits_from_hidden_states(previous[:, None].to(hidden.device)), None
         scored = [] if last is None else [_token_log_likelihoods(last, ids[:, :1])]
         # the head a slice at a time: a chunk's (n, vocab) logits are never held at once
         for start in range(0, ids.shape[1] - 1, _LOGITS_SLICE):
