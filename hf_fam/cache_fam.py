@@ -454,10 +454,12 @@ class FamCache(Cache):
                 )
             cache = cls(**json.loads(metadata["settings"]))
             cache.seen_columns = int(metadata["seen_columns"])
-            for name in _ROW_STATE:
-                if name in f.keys() or name != "last_hidden_state":  # a file from before it was kept has none
-                    setattr(cache, name, f.get_tensor(name))
-            for key in f.keys():
+            keys = f.keys()
+            for name in _COUNTERS:
+                setattr(cache, name, f.get_tensor(name))
+            if "last_hidden_state" in keys:  # a file saved before hf-fam kept it has none
+                cache.last_hidden_state = f.get_tensor("last_hidden_state")
+            for key in keys:
                 if key.startswith("layers."):
                     _, idx, name = key.split(".", 2)
                     layer = cache.layers[int(idx)]

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .cache_fam import FamCache
 from .configuration_fam import FamConfig
-from .io_utils import CONVERTED_FIX, DamagedFileError, damaged_file_message
+from .io_utils import CONVERTED_FIX, DamagedFileError, damaged_file_message, weight_files
 
 
 CARD_TEMPLATE = "templates/fam_model_card.md"
@@ -74,12 +74,8 @@ def checkpoint_parameters(folder: str | Path) -> tuple[int, int]:
     weights."""
     from safetensors import SafetensorError, safe_open
 
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"No .safetensors weights in {folder} (only its config?). {CONVERTED_FIX}")
     total = fam = 0
-    for file in files:
+    for file in weight_files(folder):
         try:
             handle = safe_open(file, framework="pt")
         except SafetensorError as error:

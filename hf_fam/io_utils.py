@@ -141,11 +141,18 @@ def check_model_folder(folder: str | os.PathLike, tokenizer: bool = True) -> Non
             f"{folder} is not a model folder (it has no config.json); pass a folder written by `hf-fam convert` or "
             "save_pretrained."
         )
-    if not any(folder.glob("*.safetensors")):
-        raise FileNotFoundError(f"No .safetensors weights in {folder} (only its config?). {CONVERTED_FIX}")
+    weight_files(folder)
     check_weights_folder(folder, CONVERTED_FIX)
     if tokenizer:
         check_tokenizer_folder(folder)
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The *.safetensors files of a converted folder, sorted; `FileNotFoundError` saying what to do if it has none."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No .safetensors weights in {folder} (only its config?). {CONVERTED_FIX}")
+    return files
 
 
 def check_safetensors(path: str | os.PathLike, fix: str) -> None:
