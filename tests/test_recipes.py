@@ -546,8 +546,10 @@ def test_fam_attention_prints_every_layer_and_refuses_a_key_in_the_questions_blo
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [int(row[0]) for row in rows] == list(range(tiny_base("llama").config.num_hidden_layers))
-    shares = [float(cell.split()[0]) for row in rows for cell in row[1:]]
+    shares = [float(cell.split()[0]) for row in rows for cell in row[1:5]]
     assert all(0 <= share <= 1 for share in shares) and any(share > 0 for share in shares)
+    norms = [float(cell.split()[0]) for row in rows for cell in row[5:]]
+    assert len(norms) == 2 * len(rows) and all(norm > 0 for norm in norms)
     wide = tmp_path / "wide"  # blocks of 512 tokens: the key and the question share one
     hf_fam.convert_to_fam(tiny_base("llama"), **{**FAM, "block_size": 512}).save_pretrained(wide)
     build_tiny_tokenizer().save_pretrained(wide)
