@@ -13,8 +13,9 @@ next to what the state holds anyway) (averaged over heads and trials, and the la
 examples with the needle right after the instruction (depth 0) and `--filler` tokens between it and the question,
 so that with M = 0 the question's block sees the needle only through the FAM. Two more columns say what else the FAM
 rows are: the share of attention that all the question block's queries give the FAM keys (the FAM as an attention
-sink), and the norms of the initial state S0[l]'s rows (mean, and the largest row's) next to a block token's. Attention weights come from the eager
-implementation (the model runs in it for this diagnostic). Use it next to `recipes/key_sensitivity.py`, which
+sink), and the norms of the initial state S0[l]'s rows (mean, and the largest row's) next to the median norm of the
+example's tokens at layer l's input. Attention weights come from the eager implementation (the model runs in it for
+this diagnostic). Use it next to `recipes/key_sensitivity.py`, which
 measures whether the answer depends on the key at all.
 """
 
