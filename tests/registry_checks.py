@@ -1,10 +1,13 @@
 """The checks that `test_registry_families_*.py` run on each family of transformers' causal-LM registry (split in two
 files so that `pytest -n 2 --dist loadfile` shares them out)."""
 
+import warnings
+
 import pytest
 import torch
+import transformers
 from conftest import assert_logits_close
-from registry_families import ACCEPTED, SKIPPED, TOKENS, probe, random_ids, read_table
+from registry_families import ACCEPTED, SKIPPED, TOKENS, newer_than_table, probe, random_ids, read_table
 from test_fam_core import randomize_fam
 
 import hf_fam
@@ -13,8 +16,13 @@ from hf_fam import FamForCausalLM
 
 def check_family(model_type: str, tmp_path) -> None:
     documented = read_table().get(model_type)
-    assert documented is not None, f"'{model_type}' is missing from the README's table: run tests/registry_families.py --write-readme"
     outcome, base, fam = probe(model_type)
+    if documented is None:
+        # A family the table cannot know (the installed transformers is newer than the table's): held to the rule-7
+        # limits if hf-fam accepts it, otherwise refused by probe() with its reason; the table test says to rewrite.
+        assert newer_than_table(), f"'{model_type}' is missing from the README's table: run tests/registry_families.py --write-readme"
+        warnings.warn(f"'{model_type}' (new in transformers {transformers.__version__}) is {outcome.row()}: rerun tests/registry_families.py --write-readme")
+        documented = outcome.row()
     assert outcome.row() == documented, (
         f"'{model_type}': the README says {documented}, the test finds {outcome.row()} ({outcome.detail}); "
         "fix the family or rerun tests/registry_families.py --write-readme"

@@ -160,6 +160,22 @@ def read_table(readme: Path = README) -> dict[str, tuple[str, str]]:
     return rows
 
 
+def table_version(readme: Path = README) -> str | None:
+    """The transformers version the README's table was written with (its first line says it)."""
+    match = re.search(re.escape(TABLE_START) + r"\s*transformers (\S+):", readme.read_text())
+    return match.group(1) if match else None
+
+
+def newer_than_table(readme: Path = README) -> bool:
+    """Whether the installed transformers is newer than the one the table was written with: its registry may then
+    list families the table cannot know, and drop some it lists."""
+    import transformers
+    from packaging.version import Version
+
+    written = table_version(readme)
+    return written is not None and Version(transformers.__version__) > Version(written)
+
+
 def counts(rows: dict[str, tuple[str, str]]) -> dict[str, int]:
     tally: dict[str, int] = {}
     for status, reason in rows.values():
