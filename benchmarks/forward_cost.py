@@ -1,7 +1,7 @@
 """One forward pass of SmolLM2-135M over 8k and 16k tokens: full attention (base) vs BSWA vs FAM (B=1024, M=3, F=64).
 
     python benchmarks/forward_cost.py            # both lengths, then the table, ratios, CSV, JSON and plot
-    python benchmarks/forward_cost.py --lengths 8192 --rounds 5
+    python benchmarks/forward_cost.py --lengths 8192 --rounds 5   # the other lengths keep their earlier results
 
 Time: one process per length holds the three models (BSWA and FAM are conversions sharing the base model's
 weights) and times one pass of each in turn, --rounds times (base, BSWA, FAM, base, BSWA, FAM, ...), after a
@@ -116,8 +116,16 @@ def main():
             f"{r['fam_over_bswa_memory']:13.3f} {r['fam_over_base_memory']:13.3f}   "
             f"(FAM/BSWA per round: {', '.join(f'{x:.3f}' for x in r['fam_over_bswa_time_per_round'])})"
         )
+    # Lengths this run did not measure keep their earlier rows (the README quotes each length's latest run).
+    previous = RESULTS / "forward_cost.json"
+    if previous.exists():
+        earlier = json.loads(previous.read_text())
+        rows += [row for row in earlier["runs"] if row["tokens"] not in args.lengths]
+        summary += [ratio for ratio in earlier["ratios"] if ratio["tokens"] not in args.lengths]
+        rows.sort(key=lambda row: row["tokens"])
+        summary.sort(key=lambda ratio: ratio["tokens"])
     write_csv(RESULTS / "forward_cost.csv", rows)
-    (RESULTS / "forward_cost.json").write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": summary}, indent=2))
+    previous.write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": summary}, indent=2))
     from plot_results import plot_forward_cost
 
     plot_forward_cost()

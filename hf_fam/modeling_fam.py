@@ -26,7 +26,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
@@ -321,7 +322,8 @@ class _Segment:
     Per-row tensors (b = batch): `completes` (b,) whether the row's current block ends with this segment;
     `real_tokens` (b,) the row's tokens in the segment; `writes` where their keys go in the cache (the same slots in
     every layer). `fam_rows`: whether the F FAM rows join the call; attention reads the F FAM slots and the first
-    `span` window slots of the cache. `masks` per sliding window (None: full attention), `position_embeddings` per
+    `span` window slots of the cache; the FAM queries see only the FAM keys and the keys from slot `fam_key_start`
+    on (their current block; 0 when that is every key). `masks` per sliding window (None: full attention), `position_embeddings` per
     layer type, `routed_rows` the rows a mixture-of-experts load-balancing loss counts. `on(device)` gives what a
     layer call uses, on that layer's device.
     """
@@ -330,6 +332,7 @@ class _Segment:
     real_tokens: torch.Tensor
     fam_rows: bool
     span: int
+    fam_key_start: int
     writes: tuple
     position_ids: torch.Tensor
     masks: dict
@@ -349,6 +352,7 @@ class _Segment:
                 completes=self.completes.to(device),
                 routed_rows=_to_device(self.routed_rows, device),
                 span=self.span,
+                fam_key_start=self.fam_key_start,
                 fam_rows=self.fam_rows,
             )
         return self.per_device[device]
@@ -365,6 +369,7 @@ class _SegmentOnDevice:
     completes: torch.Tensor
     routed_rows: torch.Tensor | None
     span: int
+    fam_key_start: int
     fam_rows: bool
 
 
@@ -1167,6 +1172,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         # cached yet for the current block (rule 3); otherwise their cached keys/values serve the block rows.
         fam_rows = F > 0 and bool(completes.any() or not cache.fam_kv_fresh.all())
         span = cache.window_span(count_after)
+        # Key slots: F FAM slots, then each row's memory segments (min(block, M) blocks) and its current block. The
+        # FAM queries see the FAM keys and their current block (rule 4): from the first row's current block on.
+        fam_key_start = F + int(block.clamp(max=M).min()) * B if fam_rows and M > 0 else 0
 
         batch = token_index.shape[0]
         fam_index = torch.full((batch, F), _FAM, dtype=torch.long, device=device)
@@ -1192,6 +1200,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             real_tokens=real_tokens,
             fam_rows=fam_rows,
             span=span,
+            fam_key_start=fam_key_start,
             writes=cache.token_writes(token_index),
             position_ids=position_ids,
             masks=masks,
@@ -1234,7 +1243,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         mode (reentrant checkpointing carries gradients only through the function's inputs and outputs)."""
         source = None if keys is None else (keys, values)
         key_values = _BlockKeyValues(layer_cache, source, segment, self.config.fam_length, in_place)
-        with _captured_router_logits(layer, self._router if record_router else None) as router_logits:
+        split = self._fam_query_split(layer, segment)
+        with _captured_router_logits(layer, self._router if record_router else None) as router_logits, split as extra:
             output = self._call_layer(
                 layer,
                 rows,
@@ -1242,11 +1252,25 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 segment.position_embeddings[self.layer_types[layer_idx]],
                 segment.position_ids,
                 key_values,
+                **extra,
             )
         return (output, key_values.keys, key_values.values, *router_logits)
 
+    def _fam_query_split(self, layer, segment: _SegmentOnDevice):
+        """With sdpa, a context in which the layer's attention computes the F FAM queries over the keys they can see
+        (FAM slots and slots from `segment.fam_key_start` on) and the block queries over all keys, in two calls of
+        torch's kernel (`_fam_sdpa_attention`): the FAM queries skip the memory segments' keys, which their mask
+        hides anyway. It yields the keyword arguments the layer passes on to its attention function. The layers pick
+        their attention function from the base configuration's name, so the name is switched for the call only."""
+        config = self.model.config
+        if segment.fam_key_start <= self.config.fam_length or config._attn_implementation != "sdpa" or not _passes_attention_kwargs(layer):
+            return nullcontext({})
+        return _attention_implementation(
+            config, _FAM_SDPA, {"fam_query_rows": self.config.fam_length, "fam_key_start": segment.fam_key_start}
+        )
+
     @staticmethod
-    def _call_layer(layer, hidden, attention_mask, position_embeddings, position_ids, block_cache):
+    def _call_layer(layer, hidden, attention_mask, position_embeddings, position_ids, block_cache, **attention_kwargs):
         # Decoder layers differ in argument order: everything but the hidden states goes by keyword.
         output = layer(
             hidden,
@@ -1255,6 +1279,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             **{cache_argument_name(layer): block_cache},
             **_unused_required_arguments(layer),
+            **attention_kwargs,
         )
         return output[0] if isinstance(output, tuple) else output
 
@@ -1442,6 +1467,65 @@ def _unused_required_arguments(layer) -> dict:
 
 
 _UNUSED_REQUIRED: dict[type, dict] = {}
+
+
+_FAM_SDPA = "hf_fam_sdpa"
+
+
+def _fam_sdpa_attention(module, query, key, value, attention_mask, *args, fam_query_rows=0, fam_key_start=0, **kwargs):
+    """transformers' sdpa attention function, run as two calls on a block segment with FAM rows: the first
+    `fam_query_rows` (F) queries over the F FAM keys and the keys from `fam_key_start` on (those their mask lets them
+    see), the other queries over all keys. The result equals one call over all queries (masked keys weigh zero); the FAM
+    queries skip the memory segments' keys, and torch's CPU kernel, which shares (heads x 256-row query slices) among
+    the threads, no longer gets an uneven F-row tail in every head. Without the two arguments: sdpa as it is."""
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    F = fam_query_rows
+    if not (F < fam_key_start < key.shape[2]) or query.shape[2] <= F or not torch.is_tensor(attention_mask):
+        return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+    if kwargs.get("position_bias") is not None:  # a per-query bias: not split here
+        return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+
+    def fam_columns(tensor, dim):
+        return torch.cat([tensor.narrow(dim, 0, F), tensor.narrow(dim, fam_key_start, tensor.shape[dim] - fam_key_start)], dim)
+
+    fam_output, _ = sdpa(
+        module,
+        query[:, :, :F],
+        fam_columns(key, 2),
+        fam_columns(value, 2),
+        fam_columns(attention_mask[:, :, :F], -1),
+        *args,
+        **kwargs,
+    )
+    block_output, _ = sdpa(module, query[:, :, F:], key, value, attention_mask[:, :, F:], *args, **kwargs)
+    return torch.cat([fam_output, block_output], 1), None
+
+
+AttentionInterface.register(_FAM_SDPA, _fam_sdpa_attention)
+AttentionMaskInterface.register(_FAM_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+@contextmanager
+def _attention_implementation(config, name: str, kwargs: dict):
+    """`config._attn_implementation` set to `name` inside the block (which receives `kwargs`), then back."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield kwargs
+    finally:
+        config._attn_implementation = previous
+
+
+def _passes_attention_kwargs(layer) -> bool:
+    """Whether the decoder layer's forward takes **kwargs (transformers' layers pass them on to their attention)."""
+    kind = type(layer)
+    if kind not in _PASSES_KWARGS:
+        parameters = inspect.signature(kind.forward).parameters.values()
+        _PASSES_KWARGS[kind] = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return _PASSES_KWARGS[kind]
+
+
+_PASSES_KWARGS: dict[type, bool] = {}
 
 
 def _fam_mask_function(query_index, key_index, block, block_size, memory_segments, window):

@@ -59,6 +59,12 @@ def check_limits(base, fam, tmp_path) -> None:
             pieces.append(fam(ids[:, start : start + size], cache=cache).logits)
             start += size
         assert_logits_close(torch.cat(pieces, 1), whole, what="streamed logits")
+        if type(base)._supports_sdpa:  # sdpa with FAM rows: the FAM queries run over their own keys
+            fam.set_attn_implementation("sdpa")
+            try:
+                assert_logits_close(fam(ids).logits, whole, what="FAM logits (sdpa)")
+            finally:
+                fam.set_attn_implementation("eager")
         changed = ids.clone()
         changed[:, 13] = (changed[:, 13] + 1) % vocab
         after = fam(changed).logits
