@@ -323,9 +323,9 @@ class _Segment:
     `real_tokens` (b,) the row's tokens in the segment; `writes` where their keys go in the cache (the same slots in
     every layer). `fam_rows`: whether the F FAM rows join the call; attention reads the F FAM slots and the first
     `span` window slots of the cache; the FAM queries see only the FAM keys and the keys from slot `fam_key_start`
-    on (their current block; 0 when that is every key). `masks` per sliding window (None: full attention), `position_embeddings` per
-    layer type, `routed_rows` the rows a mixture-of-experts load-balancing loss counts. `on(device)` gives what a
-    layer call uses, on that layer's device.
+    on (their current block; 0 when that is every key). `masks` per sliding window (None: full attention),
+    `position_embeddings` per layer type, `routed_rows` the rows a mixture-of-experts load-balancing loss counts.
+    `on(device)` gives what a layer call uses, on that layer's device.
     """
 
     completes: torch.Tensor
@@ -1263,7 +1263,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         hides anyway. It yields the keyword arguments the layer passes on to its attention function. The layers pick
         their attention function from the base configuration's name, so the name is switched for the call only."""
         config = self.model.config
-        if segment.fam_key_start <= self.config.fam_length or config._attn_implementation != "sdpa" or not _passes_attention_kwargs(layer):
+        if segment.fam_key_start <= self.config.fam_length or config._attn_implementation != "sdpa":
+            return nullcontext({})
+        if not _passes_attention_kwargs(layer):  # one call over all queries, as the mask says
             return nullcontext({})
         return _attention_implementation(
             config, _FAM_SDPA, {"fam_query_rows": self.config.fam_length, "fam_key_start": segment.fam_key_start}
@@ -1485,8 +1487,9 @@ def _fam_sdpa_attention(module, query, key, value, attention_mask, *args, fam_qu
     if kwargs.get("position_bias") is not None:  # a per-query bias: not split here
         return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
 
-    def fam_columns(tensor, dim):
-        return torch.cat([tensor.narrow(dim, 0, F), tensor.narrow(dim, fam_key_start, tensor.shape[dim] - fam_key_start)], dim)
+    def fam_columns(tensor, dim):  # the F FAM columns and those from fam_key_start on
+        rest = tensor.shape[dim] - fam_key_start
+        return torch.cat([tensor.narrow(dim, 0, F), tensor.narrow(dim, fam_key_start, rest)], dim)
 
     fam_output, _ = sdpa(
         module,
