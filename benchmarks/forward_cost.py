@@ -117,15 +117,15 @@ def main():
             f"(FAM/BSWA per round: {', '.join(f'{x:.3f}' for x in r['fam_over_bswa_time_per_round'])})"
         )
     # Lengths this run did not measure keep their earlier rows (the README quotes each length's latest run).
-    previous = RESULTS / "forward_cost.json"
-    if previous.exists():
-        earlier = json.loads(previous.read_text())
+    results_json = RESULTS / "forward_cost.json"
+    if results_json.exists():
+        earlier = json.loads(results_json.read_text())
         rows += [row for row in earlier["runs"] if row["tokens"] not in args.lengths]
         summary += [ratio for ratio in earlier["ratios"] if ratio["tokens"] not in args.lengths]
         rows.sort(key=lambda row: row["tokens"])
         summary.sort(key=lambda ratio: ratio["tokens"])
     write_csv(RESULTS / "forward_cost.csv", rows)
-    previous.write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": summary}, indent=2))
+    results_json.write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": summary}, indent=2))
     from plot_results import plot_forward_cost
 
     plot_forward_cost()

@@ -59,7 +59,12 @@ def attention_kernel(B: int, M: int, F: int, threads: int, reps: int = 21) -> di
         return time.perf_counter() - start
 
     W = (M + 1) * B
-    shapes = {"bswa": [(B, W)], "fam_rows_only": [(B + F, W)], "fam": [(B + F, F + W)], "fam_two_calls": [(F, F + B), (B, F + W)]}
+    shapes = {
+        "bswa": [(B, W)],
+        "fam_rows_only": [(B + F, W)],
+        "fam": [(B + F, F + W)],
+        "fam_two_calls": [(F, F + B), (B, F + W)],  # hf_fam's two sdpa calls
+    }
     inputs = {name: [tensors(*shape) for shape in calls] for name, calls in shapes.items()}
     for args in inputs.values():
         timed(args)
