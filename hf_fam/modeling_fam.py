@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -510,21 +511,25 @@ def _reshards_after_forward(module: nn.Module) -> bool:
 def _weights_kept(layer: nn.Module):
     """Keep a sharded or offloaded layer's weights gathered / loaded across the consecutive calls made inside, then
     release them as one call would: one all-gather (FSDP2) or one load (accelerate offload) for all the calls.
-    Any other layer is left as it is."""
+    Any other layer is left as it is. Yields the `_ShardedBackward` that the calls' inputs go through when an FSDP2
+    layer with trainable weights runs with gradients (its backward then gathers once too), else None."""
     hooks = _offload_hooks(layer)
     sharded = _is_fully_sharded(layer)
     if not hooks and not sharded:
-        yield
+        yield None
         return
     for module, hook in hooks:
         hook.pre_forward(module)  # loads the weights onto the execution device
         hook.offload = False  # the calls inside then only move their inputs
+    backward = None
     if sharded:
         reshards = _reshards_after_forward(layer)
         layer.unshard()
         layer.set_reshard_after_forward(False, recurse=False)
+        if torch.is_grad_enabled() and any(parameter.requires_grad for parameter in layer.parameters()):
+            backward = _ShardedBackward(layer)
     try:
-        yield
+        yield backward
     finally:
         if sharded:
             layer.set_reshard_after_forward(reshards, recurse=False)
@@ -532,6 +537,95 @@ def _weights_kept(layer: nn.Module):
         for module, hook in hooks:
             hook.offload = True
             hook.post_forward(module, None)  # back to `meta`
+
+
+class _ShardedBackward:
+    """The backward half of `_weights_kept` for an FSDP2 layer: torch gathers a `fully_shard` layer's weights again
+    before the backward of each of its calls and reduce-scatters its gradients after it, so a layer-major pass whose
+    layer made n calls would gather and reduce n times in the backward too. While the calls' backward runs, the layer
+    keeps its weights gathered and accumulates its gradients unreduced (`set_reshard_after_backward(False)`,
+    `set_requires_gradient_sync(False)`); after the backward of the last of them, the layer's own settings come back
+    and FSDP2's post-backward runs once: one reduce-scatter and one reshard, as for a single call.
+
+    Every call's input goes through `track` (outside any activation checkpoint), whose backward runs after the call's
+    whole backward, FSDP2's own post-backward included. The settings to come back to are kept per layer while any
+    pass's backward is pending (several groups of one pass, or passes whose losses are summed), so they are read once.
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.pending = 0
+        self.queued = self.done = False
+        record = _SHARDED_BACKWARDS.get(layer)
+        if record is None:  # else a backward is pending (or a graph was dropped): its settings are the layer's own
+            groups = layer._get_fsdp_state()._fsdp_param_groups
+            record = _SHARDED_BACKWARDS[layer] = _ShardedBackwardRecord(
+                [(group.reduce_grads, group.all_reduce_grads, group.reshard_after_backward) for group in groups]
+            )
+        record.open.add(self)
+        self._hold(layer)
+
+    @staticmethod
+    def _hold(layer: nn.Module) -> None:
+        layer.set_reshard_after_backward(False, recurse=False)
+        layer.set_requires_gradient_sync(False, recurse=False)
+
+    def track(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` as the input of one call of the layer, counted. An input without a gradient path gets one (a leaf
+        of its own), so that the call's backward runs and is counted; it costs the layer's input gradient."""
+        if not rows.requires_grad:
+            rows = rows.detach().requires_grad_()
+        self.pending += 1
+        return _AfterCallBackward.apply(self, rows)
+
+    def call_backward_done(self) -> None:
+        if not self.queued:  # a call whose output the loss does not reach never runs its backward: then at the end
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+        self.pending -= 1
+        if self.pending == 0:  # the last of the calls: nothing else reads the gathered weights
+            self.finish()
+
+    def finish(self) -> None:
+        """The layer's own settings back, then FSDP2's post-backward once (reduce-scatter, reshard)."""
+        if self.done:
+            return
+        self.done = True
+        record = _SHARDED_BACKWARDS[self.layer]
+        record.open.discard(self)
+        groups = self.layer._get_fsdp_state()._fsdp_param_groups
+        for group, (reduce_grads, all_reduce_grads, reshard_after_backward) in zip(groups, record.settings):
+            group.reduce_grads, group.all_reduce_grads = reduce_grads, all_reduce_grads
+            group.reshard_after_backward = reshard_after_backward
+            group.post_backward()
+        if record.open:
+            self._hold(self.layer)
+        else:
+            del _SHARDED_BACKWARDS[self.layer]
+
+
+@dataclass
+class _ShardedBackwardRecord:
+    settings: list  # (reduce_grads, all_reduce_grads, reshard_after_backward) per FSDP2 parameter group
+    open: "weakref.WeakSet" = field(default_factory=lambda: weakref.WeakSet())
+
+
+_SHARDED_BACKWARDS: "weakref.WeakKeyDictionary[nn.Module, _ShardedBackwardRecord]" = weakref.WeakKeyDictionary()
+
+
+class _AfterCallBackward(torch.autograd.Function):
+    """Identity on a layer call's input; its backward tells the call's `_ShardedBackward` that the call's backward
+    is over."""
+
+    @staticmethod
+    def forward(ctx, keeper: _ShardedBackward, rows: torch.Tensor) -> torch.Tensor:
+        ctx.keeper = keeper
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.keeper.call_backward_done()
+        return None, grad
 
 
 class _BlockKeyValues:
@@ -992,6 +1086,22 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         return attention_mask[:, -columns:].to(device=device) != 0
 
     # ------------------------------------------------------------------------------------------ rule 1
+    @contextmanager
+    def _calls_tracked(self, layer_idx: int, backward: _ShardedBackward | None):
+        """Inside, the inputs of layer `layer_idx`'s calls go through `backward.track` (see `_ShardedBackward`)."""
+        self._tracked_calls = (layer_idx, backward) if backward is not None else None
+        try:
+            yield
+        finally:
+            self._tracked_calls = None
+
+    def _tracked(self, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
+        if self._tracked_calls is None or self._tracked_calls[0] != layer_idx:
+            return rows
+        return self._tracked_calls[1].track(rows)
+
+    _tracked_calls = None
+
     def initial_fam_state(self, batch_size: int, position_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """S0[l] for every layer l: the inputs of each layer when the FAM prompt alone runs through the decoder,
         with bidirectional attention among its F rows and positions -F .. -1 (+ offset). Each is (b, F, hidden)."""
@@ -1024,6 +1134,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             if layer_device not in per_device:
                 per_device[layer_device] = _to_device(inputs, layer_device)
             layer_mask, position_embeddings, layer_positions = per_device[layer_device]
+            hidden = self._tracked(layer_idx, hidden)
             hidden = self._call_layer(layer, hidden, layer_mask, position_embeddings[layer_type], layer_positions, None)
             hidden = hidden.to(devices[layer_idx + 1])
             yield hidden.expand(batch_size, -1, -1)
@@ -1142,7 +1253,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         recording = self._router_recording
         recorded = {}  # (segment, layer) -> the router logits its call recorded, to return them in block-major order
         for layer_idx, (layer, device) in enumerate(zip(self.decoder_layers, devices)):
-            with _weights_kept(layer):
+            with _weights_kept(layer) as backward, self._calls_tracked(layer_idx, backward):
                 for k, (segment, slide, _) in enumerate(plans):
                     first = 0 if recording is None else len(recording)
                     hidden[k] = self._block_layer(layer, layer_idx, hidden[k].to(device), segment.on(device), cache, gates)
@@ -1214,6 +1325,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         F = self.config.fam_length
         state = cache.layers[layer_idx]
         rows = torch.cat([state.fam_state, hidden], dim=1) if segment.fam_rows else hidden
+        rows = self._tracked(layer_idx, rows)
         source = (state.keys, state.values) if state.is_initialized else (None, None)
         # Decided here, outside any checkpoint: reentrant checkpointing runs its first pass without gradients.
         in_place = not torch.is_grad_enabled()

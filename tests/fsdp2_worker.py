@@ -2,7 +2,9 @@
 prompt, sharded with torch's FSDP2 (`fully_shard` per decoder layer, then the whole model, as accelerate's FSDP2
 config does), activation checkpointing on, one forward/backward on each process's own batch, in each loop order.
 Prints, per order, the largest relative difference between the sharded gradients and those of the unsharded model on
-the same two batches, and the all-gathers of one forward pass (40 tokens, 5 blocks of 8)."""
+the same two batches, the all-gathers of one forward pass (40 tokens, 5 blocks of 8), the all-gathers and
+reduce-scatters of one backward pass (and whether every layer is sharded again after it), and the difference after
+two micro-batches of gradient accumulation (layer-major)."""
 
 import sys
 from pathlib import Path
@@ -41,11 +43,10 @@ def main():
     fam, model = build()
     fam.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     no_split = set(fam._no_split_modules)
-    wrapped = 0
-    for module in fam.modules():
-        if type(module).__name__ in no_split:
-            fully_shard(module, mesh=mesh)
-            wrapped += 1
+    layers = [module for module in fam.modules() if type(module).__name__ in no_split]
+    for module in layers:
+        fully_shard(module, mesh=mesh)
+    wrapped = len(layers)
     fully_shard(model, mesh=mesh)
 
     _, reference = build()
@@ -61,21 +62,47 @@ def main():
         return all_gather_single(*args, **kwargs)
 
     dist.all_gather_single = counting
+    reductions = []
+    reduce_scatter_single = dist.reduce_scatter_single  # what FSDP2's default reduce-scatter calls
+
+    def counting_reductions(*args, **kwargs):
+        reductions.append(1)
+        return reduce_scatter_single(*args, **kwargs)
+
+    dist.reduce_scatter_single = counting_reductions
     ids = random_ids(1, 40, seed=rank)
-    worst, backward_gathers = {}, {}
+    worst, backward_gathers, backward_reductions, resharded = {}, {}, {}, {}
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+
+    def worst_difference(scale=1.0):
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+        return max(
+            ((grads[n] - scale * p.grad).abs().max() / (scale * p.grad).abs().max()).item()
+            for n, p in reference.named_parameters()
+            if p.requires_grad
+        )
+
     for order in ("block", "layer"):
         fam.config.loop_order = order
         model.zero_grad()
         loss = model(input_ids=ids, labels=ids).loss
         gathers.clear()
+        reductions.clear()
         loss.backward()
-        backward_gathers[order] = len(gathers)
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
-        worst[order] = max(
-            ((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item()
-            for n, p in reference.named_parameters()
-            if p.requires_grad
+        backward_gathers[order], backward_reductions[order] = len(gathers), len(reductions)
+        resharded[order] = all(
+            group.is_sharded for layer in layers for group in layer._get_fsdp_state()._fsdp_param_groups
         )
+        worst[order] = worst_difference()
+    # Gradient accumulation as accelerate does it for FSDP2 (no gradient sync but on the last micro-batch), layer-major:
+    # the user's setting holds through hf_fam's own (the same batch twice gives twice the gradients).
+    fam.config.loop_order = "layer"
+    model.zero_grad()
+    model.set_requires_gradient_sync(False)
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.set_requires_gradient_sync(True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    worst["accumulated"] = worst_difference(2.0)
     # After the training steps: following a no-grad forward, FSDP2 gives the next backward wrong gradients for the root
     # module's own parameters (a plain transformers Llama too, checked by hand), so the forwards come last.
     for order in ("block", "layer"):
@@ -85,9 +112,11 @@ def main():
             gathers.clear()
             model(input_ids=ids)
         print(
-            f"rank={rank} order={order} wrapped_layers={wrapped} trainable={len(grads)} "
+            f"rank={rank} order={order} wrapped_layers={wrapped} trainable={trainable} "
             f"worst_relative_difference={worst[order]:.3g} forward_all_gathers={len(gathers)} "
-            f"backward_all_gathers={backward_gathers[order]}",
+            f"backward_all_gathers={backward_gathers[order]} backward_reduce_scatters={backward_reductions[order]} "
+            f"resharded_after_backward={resharded[order]} "
+            f"accumulated_worst_relative_difference={worst['accumulated']:.3g}",
             flush=True,
         )
     dist.destroy_process_group()

@@ -235,7 +235,8 @@ def test_ddp_on_two_cpu_processes_trains_with_the_single_process_loss_and_saves_
 def test_fsdp2_shards_a_fam_model_and_gives_the_unsharded_gradients():
     """What recipes/accelerate/fsdp.yaml does on GPUs, run directly with torch on 2 CPU processes (gloo): accelerate
     1.15 turns FSDP configs into DDP on CPU, torch's FSDP2 does not need a GPU. Both loop orders give the unsharded
-    gradients; layer-major (what loop_order="auto" picks for sharded layers) all-gathers each layer once per forward."""
+    gradients; layer-major (what loop_order="auto" picks for sharded layers) all-gathers each layer once per forward
+    and once per backward, and gradient accumulation without sync on all but the last micro-batch stays exact."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(ROOT / "tests" / "fsdp2_worker.py")]
@@ -244,7 +245,8 @@ def test_fsdp2_shards_a_fam_model_and_gives_the_unsharded_gradients():
     # the two processes' lines can interleave on one line of the captured output
     lines = re.findall(
         r"rank=\S+ order=\S+ wrapped_layers=\S+ trainable=\S+ worst_relative_difference=\S+ forward_all_gathers=\d+ "
-        r"backward_all_gathers=\d+",
+        r"backward_all_gathers=\d+ backward_reduce_scatters=\d+ resharded_after_backward=\S+ "
+        r"accumulated_worst_relative_difference=[-+.e\d]+",
         result.stdout,
     )
     assert len(lines) == 4, result.stdout  # 2 processes x 2 loop orders
@@ -255,8 +257,12 @@ def test_fsdp2_shards_a_fam_model_and_gives_the_unsharded_gradients():
         # 5 blocks: block-major gathers each layer once per block, plus layer 0 for the FAM prompt's pass (S0);
         # layer-major once per layer and forward pass
         assert int(fields["forward_all_gathers"]) == {"block": 2 * 5 + 1, "layer": 2}[fields["order"]], line
-        # the backward pass (with checkpointing: recompute and gradients) gathers once per layer call in either order
-        assert int(fields["backward_all_gathers"]) == 2 * 5 + 1, line
+        # the backward pass (with checkpointing: recompute and gradients) gathers once per layer call block-major, and
+        # once per layer layer-major (hf_fam keeps each layer gathered through the backward of its calls)
+        assert int(fields["backward_all_gathers"]) == {"block": 2 * 5 + 1, "layer": 2}[fields["order"]], line
+        assert int(fields["backward_reduce_scatters"]) == 2 + 1, line  # once per layer and for the root, either order
+        assert fields["resharded_after_backward"] == "True", line
+        assert float(fields["accumulated_worst_relative_difference"]) < 1e-5, line
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install deepspeed)")
