@@ -2,10 +2,13 @@
 
     python benchmarks/forward_cost.py            # both lengths, then the table, ratios, CSV, JSON and plot
     python benchmarks/forward_cost.py --lengths 8192 --rounds 5   # the other lengths keep their earlier results
+    python benchmarks/forward_cost.py --lengths 8192 --rounds 15 --skip-base   # FAM/BSWA only, more rounds
 
 Time: one process per length holds the three models (BSWA and FAM are conversions sharing the base model's
 weights) and times one pass of each in turn, --rounds times (base, BSWA, FAM, base, BSWA, FAM, ...), after a
-warm-up; the reported time is the median, so drift of the machine's speed hits every mode alike. Memory: every mode
+warm-up; the reported time is the median, so drift of the machine's speed hits every mode alike. Also reported: the
+median of the per-round FAM/BSWA ratios, of the process's CPU time, and the ratio of multiply-adds as the kernels run
+them (`multiply_adds`: the floor set by the rules themselves). Memory: every mode
 runs one more pass in a fresh process of its own, with glibc's allocator pinned (`common.PINNED_ALLOCATOR`), whose
 peak resident memory above the loaded model is the kernel's high-water mark (`common.PeakMemory`). Logits are kept
 for the last position only (logits_to_keep=1) so the 49k-entry vocabulary head does not dominate. "BSWA" is the
@@ -32,7 +35,31 @@ def _inputs(vocab_size: int, length: int):
     return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
 
 
-def time_child(length: int, rounds: int) -> dict:
+def multiply_adds(base, length: int, block_size: int, memory_segments: int, fam_length: int) -> int:
+    """Multiply-adds of one forward pass's decoder layers (logits for one position: left out), counted as the kernels
+    run them: every linear layer over every row a layer call gets (block rows, the F FAM rows of each block and the
+    FAM prompt's own pass), and attention as dense over the keys of the call's cache span (sdpa with a mask computes
+    masked pairs too): block queries over F + min(t, M) B + B keys, FAM queries over their own F + B (the two-call
+    sdpa). The FAM/BSWA ratio of these is the floor no implementation of the rules gets under."""
+    layer = base.model.layers[0]
+    linear = sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, __import__("torch").nn.Linear))
+    config = base.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_pair = 2 * config.num_attention_heads * head_dim  # q.k and the weighted sum of v
+    B, M, F = block_size, memory_segments, fam_length
+    rows = pairs = 0
+    for t, start in enumerate(range(0, length, B)):
+        queries = min(B, length - start)
+        keys = F + min(t, M) * B + queries
+        rows += queries + F
+        pairs += queries * keys + F * (F + queries)
+    if F:
+        rows += F  # S0: the prompt's pass (F x F attention, negligible)
+        pairs += F * F
+    return config.num_hidden_layers * (rows * linear + pairs * per_pair)
+
+
+def time_child(length: int, rounds: int, modes: tuple[str, ...]) -> dict:
     import torch
 
     import hf_fam
@@ -43,17 +70,21 @@ def time_child(length: int, rounds: int) -> dict:
         "bswa": hf_fam.convert_to_fam(base, **dict(PAPER_SETTINGS, fam_length=0)).eval(),
         "fam": hf_fam.convert_to_fam(base, **PAPER_SETTINGS, calibration_steps=0).eval(),  # speed only
     }
+    models = {mode: models[mode] for mode in modes}
     ids = _inputs(base.config.vocab_size, length)
-    seconds = {mode: [] for mode in MODES}
+    seconds = {mode: [] for mode in modes}
+    cpu_seconds = {mode: [] for mode in modes}
     with torch.no_grad():
         for model in models.values():
             model(ids[:, :256], logits_to_keep=1)  # warm-up
         for _ in range(rounds):
             for mode, model in models.items():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 model(ids, logits_to_keep=1)
                 seconds[mode].append(time.perf_counter() - start)
-    return seconds
+                cpu_seconds[mode].append(time.process_time() - cpu_start)
+    floor = multiply_adds(base, length, **PAPER_SETTINGS) / multiply_adds(base, length, **dict(PAPER_SETTINGS, fam_length=0))
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "fam_over_bswa_multiply_adds": floor}
 
 
 def memory_child(mode: str, length: int) -> float:
@@ -72,19 +103,33 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--skip-base", action="store_true",
+        help="time BSWA and FAM only (rounds a third shorter, for the FAM/BSWA ratio; the base rows keep their earlier run)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, mode, length = args.child
-        result = time_child(int(length), args.rounds) if kind == "time" else memory_child(mode, int(length))
+        modes = MODES if mode == "all" else tuple(mode.split(","))
+        result = time_child(int(length), args.rounds, modes) if kind == "time" else memory_child(mode, int(length))
         print(json.dumps(result))
         return
 
+    modes = MODES[1:] if args.skip_base else MODES
+    results_json = RESULTS / "forward_cost.json"
+    earlier = json.loads(results_json.read_text()) if results_json.exists() else {"runs": [], "ratios": []}
     rows, summary = [], []
     for length in args.lengths:
-        seconds = run_child(Path(__file__), "time", "all", str(length), "--rounds", str(args.rounds), timeout=6 * 3600)
+        timed = run_child(Path(__file__), "time", ",".join(modes), str(length), "--rounds", str(args.rounds), timeout=6 * 3600)
+        seconds, cpu_seconds = timed["seconds"], timed["cpu_seconds"]
         by_mode = {}
         for mode in MODES:
+            if mode not in modes:  # the earlier run's row
+                kept = [row for row in earlier["runs"] if row["tokens"] == length and row["mode"] == mode]
+                by_mode[mode] = kept[0] if kept else None
+                rows.extend(kept)
+                continue
             peak = run_child(Path(__file__), "memory", mode, str(length), timeout=3600, env=PINNED_ALLOCATOR)
             times = sorted(seconds[mode])
             by_mode[mode] = {
@@ -93,37 +138,47 @@ def main():
                 "seconds": round(statistics.median(times), 3),
                 "seconds_min": round(times[0], 3),
                 "seconds_max": round(times[-1], 3),
+                "cpu_seconds": round(statistics.median(cpu_seconds[mode]), 3),
                 "peak_added_mib": round(peak, 1),
             }
             rows.append(by_mode[mode])
             print(f"{mode:5s} {length:6d} tokens: {statistics.median(times):8.2f} s (runs: {', '.join(f'{t:.2f}' for t in seconds[mode])}), peak +{peak:8.1f} MiB", flush=True)
         fam, bswa, base = by_mode["fam"], by_mode["bswa"], by_mode["base"]
         per_round = [f / b for f, b in zip(seconds["fam"], seconds["bswa"])]
+        cpu_per_round = [f / b for f, b in zip(cpu_seconds["fam"], cpu_seconds["bswa"])]
         summary.append({
             "tokens": length,
+            "rounds": args.rounds,
             "fam_over_bswa_time": fam["seconds"] / bswa["seconds"],
             "fam_over_bswa_time_per_round": per_round,
-            "fam_over_base_time": fam["seconds"] / base["seconds"],
+            "fam_over_bswa_time_median_of_rounds": statistics.median(per_round),
+            "fam_over_bswa_cpu_time_median_of_rounds": statistics.median(cpu_per_round),
+            "fam_over_bswa_multiply_adds": timed["fam_over_bswa_multiply_adds"],
+            "fam_over_base_time": fam["seconds"] / base["seconds"] if base else None,
             "fam_over_bswa_memory": fam["peak_added_mib"] / bswa["peak_added_mib"],
-            "fam_over_base_memory": fam["peak_added_mib"] / base["peak_added_mib"],
+            "fam_over_base_memory": fam["peak_added_mib"] / base["peak_added_mib"] if base else None,
         })
 
+    def number(value, width):
+        return f"{value:{width}.3f}" if value is not None else f"{'-':>{width}}"
+
     print(f"\nMachine: {machine()}")
-    print(f"{'tokens':>7} {'FAM/BSWA time':>14} {'FAM/base time':>14} {'FAM/BSWA mem':>13} {'FAM/base mem':>13}")
+    print(
+        f"{'tokens':>7} {'FAM/BSWA time':>14} {'(median of rounds)':>19} {'(CPU time)':>11} {'(multiply-adds)':>16} "
+        f"{'FAM/base time':>14} {'FAM/BSWA mem':>13} {'FAM/base mem':>13}"
+    )
     for r in summary:
         print(
-            f"{r['tokens']:7d} {r['fam_over_bswa_time']:14.3f} {r['fam_over_base_time']:14.3f} "
-            f"{r['fam_over_bswa_memory']:13.3f} {r['fam_over_base_memory']:13.3f}   "
+            f"{r['tokens']:7d} {r['fam_over_bswa_time']:14.3f} {r['fam_over_bswa_time_median_of_rounds']:19.3f} "
+            f"{r['fam_over_bswa_cpu_time_median_of_rounds']:11.3f} {r['fam_over_bswa_multiply_adds']:16.3f} "
+            f"{number(r['fam_over_base_time'], 14)} {r['fam_over_bswa_memory']:13.3f} {number(r['fam_over_base_memory'], 13)}   "
             f"(FAM/BSWA per round: {', '.join(f'{x:.3f}' for x in r['fam_over_bswa_time_per_round'])})"
         )
     # Lengths this run did not measure keep their earlier rows (the README quotes each length's latest run).
-    results_json = RESULTS / "forward_cost.json"
-    if results_json.exists():
-        earlier = json.loads(results_json.read_text())
-        rows += [row for row in earlier["runs"] if row["tokens"] not in args.lengths]
-        summary += [ratio for ratio in earlier["ratios"] if ratio["tokens"] not in args.lengths]
-        rows.sort(key=lambda row: row["tokens"])
-        summary.sort(key=lambda ratio: ratio["tokens"])
+    rows += [row for row in earlier["runs"] if row["tokens"] not in args.lengths]
+    summary += [ratio for ratio in earlier["ratios"] if ratio["tokens"] not in args.lengths]
+    rows.sort(key=lambda row: (row["tokens"], MODES.index(row["mode"])))
+    summary.sort(key=lambda ratio: ratio["tokens"])
     write_csv(RESULTS / "forward_cost.csv", rows)
     results_json.write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": summary}, indent=2))
     from plot_results import plot_forward_cost

@@ -24,7 +24,11 @@ def _grouped_bars(ax, rows, value, ylabel, title):
     modes = [m for m in ("base", "bswa", "fam") if any(r["mode"] == m for r in rows)]
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
-        values = [next(float(r[value]) for r in rows if r["mode"] == mode and int(r["tokens"]) == n) for n in lengths]
+        # a length a mode was not run at (e.g. `forward_cost.py --skip-base` on a new length) gets no bar
+        values = [
+            next((float(r[value]) for r in rows if r["mode"] == mode and int(r["tokens"]) == n), float("nan"))
+            for n in lengths
+        ]
         positions = [x + (i - (len(modes) - 1) / 2) * width for x in range(len(lengths))]
         ax.bar(positions, values, width, label=LABELS[mode], color=COLORS[mode])
     ax.set_xticks(range(len(lengths)), [f"{n // 1024}k tokens" for n in lengths])
