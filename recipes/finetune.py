@@ -162,7 +162,8 @@ def main(argv=None) -> int:
             "fam_length": fam_config.fam_length,
             "lora": {k: v for k, v in (config.get("lora") or {}).items()},
             "learning_rate": args.learning_rate,
-            "fam_learning_rate": args.fam_learning_rate or args.learning_rate,
+            # 0.0 freezes the FAM prompt and gates (the sixth passkey config): recorded as 0, not as the LoRA rate
+            "fam_learning_rate": args.fam_learning_rate if args.fam_learning_rate is not None else args.learning_rate,
             "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
             "random_state_passing": args.fam_state_passing_probability,
             "random_position_offset": args.fam_position_offset_probability,

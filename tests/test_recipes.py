@@ -234,7 +234,7 @@ def test_ddp_on_two_cpu_processes_trains_with_the_single_process_loss_and_saves_
 
 def test_fsdp2_shards_a_fam_model_and_gives_the_unsharded_gradients():
     """What recipes/accelerate/fsdp.yaml does on GPUs, run directly with torch on 2 CPU processes (gloo): accelerate
-    1.15 turns FSDP configs into DDP on CPU, torch's FSDP2 does not need a GPU. Both loop orders give the unsharded
+    1.15 and 1.16 turn FSDP configs into DDP on CPU, torch's FSDP2 does not need a GPU. Both loop orders give the unsharded
     gradients; layer-major (what loop_order="auto" picks for sharded layers) all-gathers each layer once per forward
     and once per backward, and gradient accumulation without sync on all but the last micro-batch stays exact."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
