@@ -526,7 +526,11 @@ def _weights_kept(layer: nn.Module):
         reshards = _reshards_after_forward(layer)
         layer.unshard()
         layer.set_reshard_after_forward(False, recurse=False)
-        if torch.is_grad_enabled() and any(parameter.requires_grad for parameter in layer.parameters()):
+        if (
+            torch.is_grad_enabled()
+            and any(parameter.requires_grad for parameter in layer.parameters())
+            and _ShardedBackward.supported(layer)
+        ):
             backward = _ShardedBackward(layer)
     try:
         yield backward
@@ -551,6 +555,15 @@ class _ShardedBackward:
     whole backward, FSDP2's own post-backward included. The settings to come back to are kept per layer while any
     pass's backward is pending (several groups of one pass, or passes whose losses are summed), so they are read once.
     """
+
+    # What FSDP2 keeps per parameter group and reads in its post-backward (as of torch 2.13; no public getter)
+    _GROUP_SETTINGS = ("reduce_grads", "all_reduce_grads", "reshard_after_backward", "post_backward")
+
+    @classmethod
+    def supported(cls, layer: nn.Module) -> bool:
+        """Whether this torch's FSDP2 has the internals used here; where not, the backward gathers once per call."""
+        groups = getattr(getattr(layer, "_get_fsdp_state", lambda: None)(), "_fsdp_param_groups", None)
+        return bool(groups) and all(hasattr(group, name) for group in groups for name in cls._GROUP_SETTINGS)
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
