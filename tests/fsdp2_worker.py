@@ -36,6 +36,18 @@ def build():
     return fam, get_peft_model(fam, config).train()
 
 
+def count_calls(module, name: str) -> list:
+    """Replace `module.name` by a wrapper that appends to the returned list at every call."""
+    calls, original = [], getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(module, name, counting)
+    return calls
+
+
 def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -54,22 +66,8 @@ def main():
         ids = random_ids(1, 40, seed=r)
         (reference(input_ids=ids, labels=ids).loss / world).backward()
 
-    gathers = []
-    all_gather_single = dist.all_gather_single  # what FSDP2's default all-gather calls
-
-    def counting(*args, **kwargs):
-        gathers.append(1)
-        return all_gather_single(*args, **kwargs)
-
-    dist.all_gather_single = counting
-    reductions = []
-    reduce_scatter_single = dist.reduce_scatter_single  # what FSDP2's default reduce-scatter calls
-
-    def counting_reductions(*args, **kwargs):
-        reductions.append(1)
-        return reduce_scatter_single(*args, **kwargs)
-
-    dist.reduce_scatter_single = counting_reductions
+    # what FSDP2's default all-gather and reduce-scatter call, counted
+    gathers, reductions = count_calls(dist, "all_gather_single"), count_calls(dist, "reduce_scatter_single")
     ids = random_ids(1, 40, seed=rank)
     worst, backward_gathers, backward_reductions, resharded = {}, {}, {}, {}
     trainable = sum(1 for p in model.parameters() if p.requires_grad)
