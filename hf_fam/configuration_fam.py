@@ -84,8 +84,9 @@ class FamConfig(PreTrainedConfig):
             calls follow one another, so a layer whose weights are sharded (torch FSDP2's `fully_shard`, DeepSpeed
             ZeRO-3 once its trace is recorded, when one layer fits in `stage3_max_reuse_distance`) or offloaded
             (accelerate's `device_map` with `offload_folder` / CPU offload) is gathered or loaded once per forward
-            pass instead of once per block (and an FSDP2 layer once per backward pass too). It keeps the masks of the input's blocks while the pass runs (up to
-            256 MiB of them; a longer input runs in groups of blocks, once per layer and group). `"auto"`:
+            pass instead of once per block (and an FSDP2 layer once per backward pass too). It keeps the masks of
+            the input's blocks while the pass runs (up to 256 MiB of them; a longer input runs in groups of blocks,
+            once per layer and group). `"auto"`:
             `"layer"` when some decoder layer is sharded or offloaded, `"block"` otherwise.
         fam_calibration (`dict`, *optional*):
             A record of how the prompt was calibrated at conversion (see `hf_fam.calibration`): steps, window,
