@@ -1099,29 +1099,14 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         return attention_mask[:, -columns:].to(device=device) != 0
 
     # ------------------------------------------------------------------------------------------ rule 1
-    @contextmanager
-    def _calls_tracked(self, layer_idx: int, backward: _ShardedBackward | None):
-        """Inside, the inputs of layer `layer_idx`'s calls go through `backward.track` (see `_ShardedBackward`)."""
-        self._tracked_calls = (layer_idx, backward) if backward is not None else None
-        try:
-            yield
-        finally:
-            self._tracked_calls = None
-
-    def _tracked(self, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
-        if self._tracked_calls is None or self._tracked_calls[0] != layer_idx:
-            return rows
-        return self._tracked_calls[1].track(rows)
-
-    _tracked_calls = None
-
     def initial_fam_state(self, batch_size: int, position_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """S0[l] for every layer l: the inputs of each layer when the FAM prompt alone runs through the decoder,
         with bidirectional attention among its F rows and positions -F .. -1 (+ offset). Each is (b, F, hidden)."""
         return tuple(self._initial_states(batch_size, position_offset))
 
     def _initial_states(self, batch_size: int, position_offset: torch.Tensor | None = None):
-        """S0[0], S0[1], ..., S0[L-1] one at a time, each on its layer's device: asking for S0[l+1] runs layer l."""
+        """S0[0], S0[1], ..., S0[L-1] one at a time, each on its layer's device: asking for S0[l+1] runs layer l.
+        Asked for with `send(track)`, layer l's input goes through `track` first (`_ShardedBackward.track`)."""
         fam_length = self.config.fam_length
         if position_offset is None or bool((position_offset == position_offset[0]).all()):
             rows = 1  # S0 is the same for every row: compute it once
@@ -1141,16 +1126,16 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         per_device = {}  # what the layer calls read, moved once per device
         devices = self.layer_devices(device)
         hidden = hidden.to(devices[0])
-        yield hidden.expand(batch_size, -1, -1)
+        track = yield hidden.expand(batch_size, -1, -1)
         for layer_idx in range(len(devices) - 1):  # the last layer's output is nobody's input
             layer, layer_type, layer_device = self.decoder_layers[layer_idx], self.layer_types[layer_idx], devices[layer_idx]
             if layer_device not in per_device:
                 per_device[layer_device] = _to_device(inputs, layer_device)
             layer_mask, position_embeddings, layer_positions = per_device[layer_device]
-            hidden = self._tracked(layer_idx, hidden)
+            hidden = hidden if track is None else track(hidden)
             hidden = self._call_layer(layer, hidden, layer_mask, position_embeddings[layer_type], layer_positions, None)
             hidden = hidden.to(devices[layer_idx + 1])
-            yield hidden.expand(batch_size, -1, -1)
+            track = yield hidden.expand(batch_size, -1, -1)
 
     def input_device(self) -> torch.device:
         """The device the stream's input and per-row counters live on: where the embedding computes (with accelerate's
@@ -1266,17 +1251,20 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         recording = self._router_recording
         recorded = {}  # (segment, layer) -> the router logits its call recorded, to return them in block-major order
         for layer_idx, (layer, device) in enumerate(zip(self.decoder_layers, devices)):
-            with _weights_kept(layer) as backward, self._calls_tracked(layer_idx, backward):
+            with _weights_kept(layer) as backward:
+                track = None if backward is None else backward.track
                 for k, (segment, slide, _) in enumerate(plans):
                     first = 0 if recording is None else len(recording)
-                    hidden[k] = self._block_layer(layer, layer_idx, hidden[k].to(device), segment.on(device), cache, gates)
+                    hidden[k] = self._block_layer(
+                        layer, layer_idx, hidden[k].to(device), segment.on(device), cache, gates, track
+                    )
                     if recording is not None:
                         recorded[k, layer_idx] = recording[first:]
                         del recording[first:]
                     if slide is not None:
                         cache.slide_windows(slide, layer_indices=[layer_idx])
                 if initial_states is not None and layer_idx + 1 < len(devices):
-                    cache.layers[layer_idx + 1].fam_state = next(initial_states)  # runs this layer on S0[l]
+                    cache.layers[layer_idx + 1].fam_state = initial_states.send(track)  # runs this layer on S0[l]
             if output_hidden_states:
                 seen.append(torch.cat(hidden, dim=1))
         for k in range(len(plans)) if recording is not None else ():
@@ -1332,13 +1320,16 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             routed_rows=torch.cat([has_tokens, token_index >= 0], 1) if fam_rows else token_index >= 0,
         )
 
-    def _block_layer(self, layer, layer_idx: int, hidden, segment: _SegmentOnDevice, cache: FamCache, gates=None):
+    def _block_layer(
+        self, layer, layer_idx: int, hidden, segment: _SegmentOnDevice, cache: FamCache, gates=None, track=None
+    ):
         """Rules 2, 3, 5 and 6 for one decoder layer on one block segment. `hidden`, `segment` and the layer's share
-        of `cache` are on the layer's device; `gates` are the gated update's gates (`FamGate.forward`), or None."""
+        of `cache` are on the layer's device; `gates` are the gated update's gates (`FamGate.forward`), or None;
+        `track`, if given, sees the call's input rows first (`_ShardedBackward.track`)."""
         F = self.config.fam_length
         state = cache.layers[layer_idx]
         rows = torch.cat([state.fam_state, hidden], dim=1) if segment.fam_rows else hidden
-        rows = self._tracked(layer_idx, rows)
+        rows = rows if track is None else track(rows)
         source = (state.keys, state.values) if state.is_initialized else (None, None)
         # Decided here, outside any checkpoint: reentrant checkpointing runs its first pass without gradients.
         in_place = not torch.is_grad_enabled()
