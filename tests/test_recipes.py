@@ -335,6 +335,7 @@ def test_weighted_loss_is_normalised_over_the_whole_accumulated_batch(tmp_path, 
         ids = random_ids(1, length, seed=10 + i)[0].tolist()
         weights = torch.randint(0, 3, (length,), generator=generator).float().mul(0.5).tolist()  # 0, 0.5, 1
         weights[: 3 * i] = [0.0] * (3 * i)
+        weights[4:9] = [0.0] * 5  # positions no row weighs: the vocabulary head skips them
         rows.append({"input_ids": ids, "loss_weights": weights})
 
     model = _peft_model().train()
@@ -353,6 +354,11 @@ def test_weighted_loss_is_normalised_over_the_whole_accumulated_batch(tmp_path, 
         answer_hits += hits.tolist()
         exact.append(bool(hits.all()))
     expected = total / weight_sum
+    shifted = torch.zeros(4, 44)
+    for r, row in enumerate(rows):
+        shifted[r, : len(row["loss_weights"]) - 1] = torch.tensor(row["loss_weights"][1:])
+    columns = FamTrainer._weighed_columns(shifted)
+    assert columns is not None and 3 not in columns.tolist() and 8 in columns.tolist()
     expected_answer = (sum(answer_losses) / len(answer_losses), sum(answer_hits) / len(answer_hits), sum(exact) / 4)
 
     results = {}
