@@ -346,7 +346,7 @@ class FamTrainer(Trainer):
         columns = None if return_outputs else self._weighed_columns(weights)
         if columns is not None:
             # The vocabulary head runs only where some row has a loss weight: for a task that grades a few answer
-            # tokens, that skips most of the head (about a fifth of a step's arithmetic on SmolLM2-135M).
+            # tokens, that skips most of the head's work (by arithmetic about a fifth of a SmolLM2-135M step).
             inputs["logits_to_keep"] = columns
             weights, targets = weights[:, columns], targets[:, columns]
         outputs = model(**inputs, **memory_inputs, use_cache=training and self.args.fam_state_passing_probability > 0)

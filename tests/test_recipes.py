@@ -354,7 +354,7 @@ def test_weighted_loss_is_normalised_over_the_whole_accumulated_batch(tmp_path, 
         answer_hits += hits.tolist()
         exact.append(bool(hits.all()))
     expected = total / weight_sum
-    shifted = torch.zeros(4, 44)
+    shifted = torch.zeros(4, max(len(row["input_ids"]) for row in rows) - 1)  # the collated batch's shifted weights
     for r, row in enumerate(rows):
         shifted[r, : len(row["loss_weights"]) - 1] = torch.tensor(row["loss_weights"][1:])
     columns = FamTrainer._weighed_columns(shifted)
