@@ -9,7 +9,7 @@
 
 Any config key can be overridden as key=value: `max_steps=100` (a key found once in the config), `lora.r=8` (a full
 path), `trainer.warmup_steps=10` (any TrainingArguments field), `resume_from_checkpoint=true` (the last checkpoint
-in output_dir) or `resume_from_checkpoint=runs/x/checkpoint-500`.
+in output_dir) or `resume_from_checkpoint=runs/x/checkpoint-500` (or a slim copy of one, recipes/slim_checkpoint.py).
 
 What it does, top to bottom:
 1. reads the config and the overrides;
@@ -65,7 +65,13 @@ def resumed_checkpoint(resume_from_checkpoint, output_dir: Path) -> Path | None:
         if last is None:
             raise ConfigError(f"resume_from_checkpoint=true, but {output_dir} holds no checkpoint-N folder to resume from.")
         return Path(last)
-    return Path(resume_from_checkpoint)
+    folder = Path(resume_from_checkpoint)
+    if not (folder / "trainer_state.json").is_file():
+        raise ConfigError(
+            f"resume_from_checkpoint={folder} is not a checkpoint folder (no trainer_state.json there): pass a "
+            "runs/<name>/checkpoint-N folder, or true for the last one in output_dir."
+        )
+    return folder
 
 
 def build_model(model_config: dict, lora_config: dict, resume_from: Path | None = None):
@@ -142,6 +148,12 @@ def main(argv=None) -> int:
 
     # 2.-3. model with LoRA adapters and trainable FAM parameters
     resume_from = resumed_checkpoint(args.resume_from_checkpoint, output_dir)
+    if resume_from is not None and not (resume_from / "optimizer.pt").is_file():
+        logger.warning(
+            f"{resume_from} holds no optimizer state (a slim copy, recipes/slim_checkpoint.py): the run goes on from its "
+            "step with its weights and data, but with a fresh optimizer and the learning-rate schedule from step 0 "
+            "(warm-up included), not the exact resume a full checkpoint gives."
+        )
     model, tokenizer, base_model = build_model(config.get("model") or {}, config.get("lora") or {}, resume_from)
     if args.should_log:
         model.print_trainable_parameters()

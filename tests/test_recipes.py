@@ -145,6 +145,47 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_runs_losses(finetune
             assert abs(a - b) <= 1e-6 * abs(b), f"step {step} {key}: resumed {a} vs uninterrupted {b}"
 
 
+def slim_checkpoint_module():
+    spec = importlib.util.spec_from_file_location("slim_checkpoint", ROOT / "recipes" / "slim_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_slim_checkpoint_resumes_at_its_step_with_its_weights_and_a_fresh_optimizer(finetune_run, tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    slim = slim_checkpoint_module()
+    full = finetune_run / "checkpoint-4"
+    # float32 keeps the weights exact, so the first resumed step's loss (before any update) is the uninterrupted one's
+    exact, half = tmp_path / "slim32" / "checkpoint-4", tmp_path / "slim16" / "checkpoint-4"
+    assert slim.main([str(full), str(exact), "--dtype", "float32"]) == 0
+    assert slim.main([str(full), str(half)]) == 0
+    names = {f.name for f in exact.iterdir()}
+    assert "optimizer.pt" not in names and "fam_carried_state.safetensors" in names and "trainer_state.json" in names
+    assert not [f for f in exact.parent.iterdir() if f.name.startswith(".")], "the staging folder is left behind"
+    info = json.loads((full / "fam_training.json").read_text())
+    with safe_open(half / "adapter_model.safetensors", framework="pt") as f, safe_open(full / "adapter_model.safetensors", framework="pt") as g:
+        for key in f.keys():
+            fam_parameter = any(f".{m}." in key for m in info["fam_modules"])
+            assert f.get_tensor(key).dtype == (g.get_tensor(key).dtype if fam_parameter else torch.bfloat16), key
+    # refusals: not a checkpoint, an existing target (untouched)
+    assert slim.main([str(tiny_model_dir), str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
+    assert slim.main([str(full), str(exact)]) == 2
+
+    resumed = tmp_path / "resumed"
+    result = run_recipe(tiny_overrides(tiny_model_dir, resumed, resume_from_checkpoint=str(exact), report_to="none", **CALIBRATED))
+    assert "holds no optimizer state" in result.stderr and "Calibrating the FAM prompt" not in result.stderr
+    original, again = read_log(finetune_run), read_log(resumed)
+    assert sorted(again) == [5, 6, 7, 8]  # the step and so the data go on where the checkpoint was
+    a, b = float(again[5]["loss"]), float(original[5]["loss"])
+    assert abs(a - b) <= 1e-6 * abs(b), f"first resumed step's loss {a} vs uninterrupted {b}"
+    assert float(again[8]["loss"]) != float(original[8]["loss"])  # a fresh optimizer: the updates differ
+
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        recipe_module().resumed_checkpoint(str(tmp_path / "nowhere"), tmp_path)
+
+
 def test_merged_checkpoint_gives_the_adapter_models_logits(finetune_run, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
