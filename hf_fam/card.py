@@ -121,6 +121,7 @@ def summarize(folder: str | Path) -> dict:
         "fam_length": config.fam_length,
         "fam_prompt_init": config.fam_prompt_init,
         "fam_update": config.fam_update,
+        "fam_sink_length": config.fam_sink_length,
         "fam_calibration": config.fam_calibration,
         "base_model_type": text.model_type,
         "base_architectures": list(getattr(text, "architectures", None) or []),

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"initial gate of the gated update (default: {DEFAULT_FAM_GATE_INIT}; refused with --fam-update replace, which has no gate)",
     )
     convert.add_argument(
+        "--fam-sink-length", type=int, default=0, metavar="K",
+        help="K of the F FAM rows are never updated: an attention sink of their own that every block sees, so the other "
+        "F - K rows need not double as one (default: 0, the paper's rules; not in the paper)",
+    )
+    convert.add_argument(
         "--calibration-steps", type=int, default=DEFAULT_CALIBRATION_STEPS, metavar="N",
         help=f"fit the FAM prompt alone for N steps so the untrained model matches BSWA (itself without FAM) on a real "
         f"text; 0 skips it (default: {DEFAULT_CALIBRATION_STEPS}; a few seconds per step for a 135M model on a CPU)",
@@ -249,6 +254,11 @@ def cmd_convert(args) -> int:
             f"--fam-gate-init sets the gates of the gated update, and --fam-update {args.fam_update} has none; "
             "leave out --fam-gate-init, or use --fam-update gated."
         )
+    if not 0 <= args.fam_sink_length <= settings["fam_length"]:
+        raise CommandError(
+            f"--fam-sink-length counts FAM rows kept constant: it must be between 0 and --fam-length "
+            f"({settings['fam_length']}), got {args.fam_sink_length}."
+        )
     if args.calibration_text is not None and (args.calibration_steps == 0 or settings["fam_length"] == 0):
         why = "--calibration-steps 0 skips the calibration" if args.calibration_steps == 0 else "--fam-length 0 has no FAM prompt to calibrate"
         raise CommandError(f"--calibration-text is the text the prompt calibration reads, and {why}; leave out --calibration-text.")
@@ -268,7 +278,7 @@ def cmd_convert(args) -> int:
     _progress(
         f"Converting ({loaded.model.config.model_type}, {loaded.model.config.num_hidden_layers} layers) with "
         f"block_size={settings['block_size']}, memory_segments={settings['memory_segments']}, fam_length={settings['fam_length']}, "
-        f"fam_update={args.fam_update} ..."
+        f"fam_update={args.fam_update}" + (f", fam_sink_length={args.fam_sink_length}" if args.fam_sink_length else "") + " ..."
     )
     from .conversion import convert_to_fam
     from .hub import push_folder, write_model_card
@@ -288,6 +298,7 @@ def cmd_convert(args) -> int:
         **prompt_kwargs,
         fam_update=args.fam_update,
         fam_gate_init=DEFAULT_FAM_GATE_INIT if args.fam_gate_init is None else args.fam_gate_init,
+        fam_sink_length=args.fam_sink_length,
         verify=args.verify,
         calibration_steps=calibration_steps,
         calibration_text=calibration_text,
@@ -360,7 +371,8 @@ def cmd_info(args) -> int:
         f"TransformerFAM checkpoint: {path}",
         f"  FAM settings        block_size B={b}, memory_segments M={m}, fam_length F={f} (prompt init: {facts['fam_prompt_init']})",
         f"  FAM update          {facts['fam_update']}: "
-        + ("S <- S + g (new - S), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule; FAM_SPEC rule 5)"),
+        + ("S <- S + g (new - S), one learnable gate per layer" if facts["fam_update"] == "gated" else "the FAM rows' output replaces the state (the paper's rule; FAM_SPEC rule 5)")
+        + (f"; the first {facts['fam_sink_length']} of the {f} rows are never updated (a sink of their own)" if facts["fam_sink_length"] else ""),
         "  prompt calibration  " + _calibration_text(facts.get("fam_calibration")),
         f"  base architecture   {facts['base_model_type']} {', '.join(facts['base_architectures'])} - {facts['num_hidden_layers']} layers, hidden size {facts['hidden_size']}, {facts['dtype']}",
         f"  parameters          {facts['parameters']:,} ({human_count(facts['parameters'])}) = base {facts['base_parameters']:,} + FAM {facts['fam_parameters']:,} "

@@ -77,6 +77,14 @@ class FamConfig(PreTrainedConfig):
             means `"replace"`.
         fam_gate_init (`float`, defaults to 0.1):
             Initial value of every gate of the `"gated"` update.
+        fam_sink_length (`int`, defaults to 0):
+            K: the first K of the F FAM rows are never updated; they keep the state's first K rows as they were at
+            the start of the stream (S0[l]'s, or a handed-in state's), in every layer, while the other F - K rows
+            follow `fam_update`. Every block's queries see them (they are FAM rows), so they give each block an
+            attention sink of its own that no block rewrites, and the memory rows need not double as one (a
+            converted model's queries park a fifth to two fifths of their attention on the FAM, and training then
+            keeps those rows constant, the opposite of what a memory needs). 0 (the default) is the rules as
+            written; K = F is a FAM that never changes (no feedback). Not in the paper: an option of this project.
         loop_order (`str`, defaults to `"auto"`):
             The order in which a forward pass runs its (block, layer) pairs; the results are the same either way.
             `"block"`: each block through every layer, then the next block (what streaming and decoding do).
@@ -105,6 +113,7 @@ class FamConfig(PreTrainedConfig):
     fam_prompt_seed: int = 0
     fam_update: str = DEFAULT_FAM_UPDATE
     fam_gate_init: float = DEFAULT_FAM_GATE_INIT
+    fam_sink_length: int = 0
     fam_calibration: dict | None = None
     loop_order: str = "auto"
 
@@ -130,6 +139,12 @@ class FamConfig(PreTrainedConfig):
             raise ValueError(f"fam_update must be one of {FAM_UPDATES}, got {self.fam_update!r}")
         if isinstance(self.fam_gate_init, bool) or not isinstance(self.fam_gate_init, (int, float)):
             raise ValueError(f"fam_gate_init must be a number, got {self.fam_gate_init!r}")
+        _check_int("fam_sink_length", self.fam_sink_length, 0)
+        if self.fam_sink_length > self.fam_length:
+            raise ValueError(
+                f"fam_sink_length must be <= fam_length: it counts FAM rows kept constant, got fam_sink_length="
+                f"{self.fam_sink_length} and fam_length={self.fam_length}"
+            )
         if self.loop_order not in LOOP_ORDERS:
             raise ValueError(f"loop_order must be one of {LOOP_ORDERS}, got {self.loop_order!r}")
         if self.fam_prompt_init not in FAM_PROMPT_INITS:

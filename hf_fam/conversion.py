@@ -42,6 +42,7 @@ def convert_to_fam(
     fam_prompt_seed: int = 0,
     fam_update: str = DEFAULT_FAM_UPDATE,
     fam_gate_init: float = DEFAULT_FAM_GATE_INIT,
+    fam_sink_length: int = 0,
     verify: bool = True,
     calibration_steps: int = DEFAULT_STEPS,
     calibration_text: str | None = None,
@@ -57,6 +58,8 @@ def convert_to_fam(
         fam_prompt_init, fam_prompt_token_ids, fam_prompt_seed: how the FAM prompt starts (see [`FamConfig`]).
         fam_update, fam_gate_init: how the FAM state follows a completed block (see [`FamConfig`]); `"replace"` is
             the paper's rule, `"gated"` (the default) keeps an untrained FAM state near its start.
+        fam_sink_length: K, FAM rows that are never updated: an attention sink of their own for every block (see
+            [`FamConfig`]); 0, the default, is the rules as written.
         verify: run the conversion self-check (`verify_conversion`): on a short random input, the converted model in
             the base-model limit (fam_length 0, a window covering the input) must give the base model's logits, or
             the conversion is refused with `UnsupportedArchitectureError`. It costs one forward of a few dozen tokens
@@ -120,6 +123,7 @@ def convert_to_fam(
         fam_prompt_seed=fam_prompt_seed,
         fam_update=fam_update,
         fam_gate_init=fam_gate_init,
+        fam_sink_length=fam_sink_length,
         dtype=model.dtype,
     )
     fam = FamForCausalLM(config, base_model=model)

@@ -121,7 +121,7 @@ def merge_adapter(
         fam_settings = {k: v for k, v in fam_settings.items() if k in accepted}
     else:
         # A FAM checkpoint carries its settings; the recorded ones only matter where the run overrode them.
-        fam_settings = {k: v for k, v in fam_settings.items() if k in ("block_size", "memory_segments")}
+        fam_settings = {k: v for k, v in fam_settings.items() if k in ("block_size", "memory_segments", "fam_sink_length")}
     logger.info(f"Loading {source or 'the embedded default model'} ...")
     # the adapter carries the trained prompt: no calibration at conversion
     model, tokenizer, base_model = load_fam_model(source, fam_settings, dtype=dtype, trained_from=adapter_dir)

@@ -1349,6 +1349,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         if gates is not None:  # the gated update: S + g (output - S)
             gate = gates[layer_idx].to(device=new_state.device, dtype=new_state.dtype)
             new_state = state.fam_state + gate * (new_state - state.fam_state)
+        sink = self.config.fam_sink_length
+        if sink:  # the sink rows are never updated
+            new_state = torch.cat([state.fam_state[:, :sink], new_state[:, sink:]], dim=1)
         state.fam_state = torch.where(segment.completes[:, None, None], new_state, state.fam_state)
         return output[:, F:]
 

@@ -48,7 +48,8 @@ def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None, positio
     """Logits (n, vocab) of `fam_model` on one row of token ids (n,), from the spec's rules alone.
 
     `position_offset` is added to every position (the training recipe's random position offset). With
-    `fam_update="gated"` a completed block sets S[l] = S[l] + g[l] * (output - S[l]) instead of the output (rule 5).
+    `fam_update="gated"` a completed block sets S[l] = S[l] + g[l] * (output - S[l]) instead of the output (rule 5);
+    with `fam_sink_length` K the first K rows of S[l] are never updated.
     """
     config = fam_model.config
     text_config = config.text_config
@@ -116,7 +117,9 @@ def reference_logits(fam_model, input_ids: torch.Tensor, fam_state=None, positio
             layer_inputs[l + 1][t] = out[:, offset + F :]
             if F > 0 and b == B:  # rule 5: feedback only from a complete block
                 new = out[:, offset : offset + F]
-                state[l] = new if gates is None else state[l] + gates[l] * (new - state[l])
+                new = new if gates is None else state[l] + gates[l] * (new - state[l])
+                K = config.fam_sink_length  # the first K rows are never updated
+                state[l] = torch.cat([state[l][:, :K], new[:, K:]], dim=1)
 
     hidden = torch.cat([layer_inputs[len(layers)][t] for t in range(len(blocks))], dim=1)
     logits = fam_model.lm_head(fam_model.model.norm(hidden))

@@ -503,3 +503,15 @@ def test_convert_fam_update_flag_reaches_the_config_info_and_card(base_folders, 
     assert hf_fam_cli("convert", base_folders["llama"], gated, "--block-size", 8, "--fam-length", 2, "--fam-gate-init", 0.25).returncode == 0
     config = json.loads((gated / "config.json").read_text())
     assert config["fam_update"] == "gated" and config["fam_gate_init"] == 0.25
+    assert config["fam_sink_length"] == 0 and "fam_sink_length" not in (gated / "README.md").read_text()
+    sink = tmp_path / "sink"
+    assert hf_fam_cli("convert", base_folders["llama"], sink, "--block-size", 8, "--fam-length", 2, "--fam-sink-length", 1).returncode == 0
+    assert json.loads((sink / "config.json").read_text())["fam_sink_length"] == 1
+    assert "the first 1 of the 2 rows are never updated" in hf_fam_cli("info", sink).stdout
+    assert "| `fam_sink_length` | 1 |" in (sink / "README.md").read_text()
+    refused = tmp_path / "refused"
+    assert_clean_error(
+        hf_fam_cli("convert", base_folders["llama"], refused, "--block-size", 8, "--fam-length", 2, "--fam-sink-length", 3),
+        "--fam-sink-length counts FAM rows kept constant: it must be between 0 and --fam-length (2), got 3",
+    )
+    assert not refused.exists()

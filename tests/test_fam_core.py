@@ -226,3 +226,41 @@ def test_position_offset_matches_reference_with_the_same_offset(family):
     expected = reference_logits(fam, ids[0], position_offset=offset)
     assert_logits_close(shifted, expected)
     assert (shifted - plain).abs().max() > 10 * 1e-5 * plain.abs().max(), "the offset had no measurable effect"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fam_update", ["gated", "replace"])
+def test_sink_rows_match_reference_and_are_never_updated(family, fam_update):
+    """fam_sink_length K: the first K FAM rows keep the stream's initial state (a sink of their own for every block)
+    while the others follow the update; the model equals the reference, and the sink rows reach later blocks."""
+    fam = randomize_fam(convert(tiny_base(family), block_size=8, memory_segments=1, fam_length=3, fam_update=fam_update, fam_sink_length=2))
+    ids = random_ids(2, 37)  # four full blocks and a partial one
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: that row completes its blocks at other columns
+    with torch.no_grad():
+        out = fam(ids, attention_mask=mask, use_cache=True)
+        start = fam(ids[:, :3], use_cache=True)  # no block completed: the state is S0
+    for row in range(2):
+        keep = mask[row].bool()
+        assert_logits_close(out.logits[row][keep], reference_logits(fam, ids[row][keep]), what=f"row {row}")
+    for final, initial in zip(out.past_key_values.fam_state(), start.past_key_values.fam_state(), strict=True):
+        assert torch.equal(final[:, :2], initial[:, :2]), "a sink row was updated"
+        assert not torch.allclose(final[:, 2:], initial[:, 2:]), "the memory row was not updated"
+
+
+def test_sink_length_zero_is_the_rules_as_written_and_sink_length_f_is_a_fam_without_feedback():
+    base = tiny_base("llama")
+    ids = random_ids(1, 29)
+    plain = randomize_fam(convert(base, block_size=6, memory_segments=0, fam_length=2))
+    zero = randomize_fam(convert(base, block_size=6, memory_segments=0, fam_length=2, fam_sink_length=0))
+    frozen = randomize_fam(convert(base, block_size=6, memory_segments=0, fam_length=2, fam_sink_length=2))
+    with torch.no_grad():
+        assert torch.equal(zero(ids).logits, plain(ids).logits)
+        # with every row a sink and M = 0, no block sees another: changing block 1 leaves the later blocks as they were
+        changed = ids.clone()
+        changed[0, 2] += 1
+        moved = (frozen(changed).logits - frozen(ids).logits)[0].abs().amax(-1)
+    assert moved[:6].max() > 0 and moved[6:].max() == 0
+    for bad in (3, -1, True):
+        with pytest.raises(ValueError, match="fam_sink_length"):
+            convert(base, block_size=6, memory_segments=0, fam_length=2, fam_sink_length=bad)

@@ -28,10 +28,12 @@ def padded_ids(seed=4):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2", "mistral"])
-@pytest.mark.parametrize("fam_update", ["gated", "replace"])
-def test_layer_major_equals_block_major_in_one_call_and_chunk_by_chunk(family, fam_update):
+@pytest.mark.parametrize("fam_update,sink", [("gated", 0), ("replace", 0), ("gated", 1)])
+def test_layer_major_equals_block_major_in_one_call_and_chunk_by_chunk(family, fam_update, sink):
     fam = randomize_fam(
-        hf_fam.convert_to_fam(tiny_base(family), block_size=4, memory_segments=1, fam_length=2, fam_update=fam_update)
+        hf_fam.convert_to_fam(
+            tiny_base(family), block_size=4, memory_segments=1, fam_length=2, fam_update=fam_update, fam_sink_length=sink
+        )
     ).eval()
     ids, mask = padded_ids()
     results = {}
