@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -1014,7 +1015,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         return logits
 
     def _check_attention_implementation(self) -> None:
-        implementation = self.model.config._attn_implementation
+        implementation = _user_implementation(self.model.config)
         if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"attn_implementation='{implementation}' cannot be used with TransformerFAM, whose attention pattern "
@@ -1382,7 +1383,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         hides anyway. It yields the keyword arguments the layer passes on to its attention function. The layers pick
         their attention function from the base configuration's name, so the name is switched for the call only."""
         config = self.model.config
-        if segment.fam_key_start <= self.config.fam_length or config._attn_implementation != "sdpa":
+        if segment.fam_key_start <= self.config.fam_length or _user_implementation(config) != "sdpa":
             return nullcontext({})
         if not _passes_attention_kwargs(layer):  # one call over all queries, as the mask says
             return nullcontext({})
@@ -1629,13 +1630,35 @@ AttentionMaskInterface.register(_FAM_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 @contextmanager
 def _attention_implementation(config, name: str, kwargs: dict):
-    """`config._attn_implementation` set to `name` inside the block (which receives `kwargs`), then back."""
-    previous = config._attn_implementation
-    config._attn_implementation = name
+    """`config._attn_implementation` set to `name` inside the block (which receives `kwargs`), then back.
+
+    Threads that run the same model at once share one switch: the first to enter sets the name, the last to leave
+    puts the old one back (the switched name only ever stands for the one it replaced: `_user_implementation`). A
+    thread's layer call that finds the name switched without `kwargs` of its own runs plain sdpa
+    (`_fam_sdpa_attention` without its two arguments), which gives the same result."""
+    with _SWITCH_LOCK:
+        switch = _SWITCHES.setdefault(id(config), [0, config._attn_implementation])
+        switch[0] += 1
+        config._attn_implementation = name
     try:
         yield kwargs
     finally:
-        config._attn_implementation = previous
+        with _SWITCH_LOCK:
+            switch[0] -= 1
+            if switch[0] == 0:
+                config._attn_implementation = switch[1]
+                del _SWITCHES[id(config)]
+
+
+# id(config) -> [threads inside the switch, the name it replaced]
+_SWITCHES: dict[int, list] = {}
+_SWITCH_LOCK = threading.Lock()
+
+
+def _user_implementation(config) -> str:
+    """The attention implementation the model was set to, also while another thread has switched the name."""
+    implementation = config._attn_implementation
+    return "sdpa" if implementation == _FAM_SDPA else implementation
 
 
 def _passes_attention_kwargs(layer) -> bool:

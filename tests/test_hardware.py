@@ -169,3 +169,35 @@ def test_what_layer_calls_read_is_moved_once_per_device_not_per_layer(monkeypatc
     segments = len(calls) - 1  # the FAM prompt's own pass (S0) calls the layers too
     assert segments == 4
     assert sorted(d.type for d in moved) == ["cpu"] * segments + ["meta"] * segments
+
+
+def test_threads_running_one_model_at_once_get_its_logits():
+    """A server may run one model from several threads. With sdpa, hf_fam switches the base configuration's attention
+    name during a layer call (`_attention_implementation`): other threads must neither be refused for the switched
+    name nor leave it switched when they finish, and every thread gets the model's logits."""
+    import threading
+
+    fam = randomize_fam(hf_fam.convert_to_fam(tiny_base("llama", "sdpa"), block_size=4, memory_segments=2, fam_length=2)).eval()
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        expected = fam(ids).logits
+    failures, start = [], threading.Barrier(3)
+
+    def run():
+        start.wait()
+        for _ in range(15):
+            try:
+                with torch.no_grad():
+                    logits = fam(ids).logits
+                if not torch.allclose(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()):
+                    failures.append("different logits")
+            except Exception as error:  # noqa: BLE001 - what a thread raises is the failure reported
+                failures.append(repr(error)[:200])
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, f"{len(failures)} of 45 forward passes failed, e.g. {failures[0]}"
+    assert fam.model.config._attn_implementation == "sdpa"
