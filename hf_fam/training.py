@@ -519,7 +519,8 @@ class FamTrainer(Trainer):
                 logs["tokens_per_second"] = round(self._tokens_since_log / (now - self._time_of_log), 2)
             self._time_of_log, self._tokens_since_log = now, 0
             logs["peak_memory_mib"] = round(peak_memory_mib(self.args.device), 1)
-            gate = unwrap_fam_model(self.model).fam_gate
+            fam = unwrap_fam_model(self.model)
+            gate = fam.fam_gate if fam.config.fam_length > 0 else None  # without FAM rows the gates gate nothing
             if gate is not None and gate.weight.numel() > 0:  # a ZeRO-3 shard of another process is empty
                 logs["fam_gate_mean"] = round(float(gate.weight.detach().float().mean()), 4)
         super().log(logs, start_time)

@@ -145,6 +145,16 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_runs_losses(finetune
             assert abs(a - b) <= 1e-6 * abs(b), f"step {step} {key}: resumed {a} vs uninterrupted {b}"
 
 
+def test_the_recipe_trains_bswa_the_same_way_with_fam_length_zero(tiny_model_dir, tmp_path):
+    """The passkey baseline "BSWA trained the same way" is the same recipe with fam_length 0: it trains, and logs no
+    gate mean (gates of a model without FAM rows gate nothing)."""
+    bswa = {"model.fam": "{block_size: 16, memory_segments: 0, fam_length: 0, calibration_steps: 0}"}
+    run_recipe(tiny_overrides(tiny_model_dir, tmp_path / "bswa", max_steps=2, save_steps=2, report_to="none", **bswa))
+    log = read_log(tmp_path / "bswa")
+    assert sorted(log) == [1, 2] and all(float(row["loss"]) > 0 and not row["fam_gate_mean"] for row in log.values())
+    assert json.loads((tmp_path / "bswa" / "checkpoint-2" / "fam_training.json").read_text())["fam_settings"]["fam_length"] == 0
+
+
 def slim_checkpoint_module():
     spec = importlib.util.spec_from_file_location("slim_checkpoint", ROOT / "recipes" / "slim_checkpoint.py")
     module = importlib.util.module_from_spec(spec)
