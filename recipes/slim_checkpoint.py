@@ -20,6 +20,7 @@ half-written.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -57,6 +58,9 @@ def slim_checkpoint(source: Path, target: Path, dtype: torch.dtype = torch.bfloa
             shutil.copy2(source / name, staging / name)
         for carried in source.glob(CARRIED_STATE_FILE.format(suffix="*")):
             shutil.copy2(carried, staging / carried.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the copy is as readable as any folder
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -192,6 +192,22 @@ def test_a_slim_checkpoint_resumes_at_its_step_with_its_weights_and_a_fresh_opti
     assert abs(a - b) <= 1e-6 * abs(b), f"first resumed step's loss {a} vs uninterrupted {b}"
     assert float(again[8]["loss"]) != float(original[8]["loss"])  # a fresh optimizer: the updates differ
 
+    # the bfloat16 copy merges like the full checkpoint, up to bfloat16's rounding of the LoRA weights
+    from transformers import AutoModelForCausalLM
+
+    from hf_fam.cli import main as cli
+
+    merged = {}
+    for name, folder in (("full", full), ("slim", half)):
+        assert cli(["merge", str(folder), str(tmp_path / f"merged_{name}")]) == 0
+        merged[name] = AutoModelForCausalLM.from_pretrained(tmp_path / f"merged_{name}", dtype=torch.float32).eval()
+    ids = random_ids(1, 40, seed=2)
+    with torch.no_grad():
+        slim_logits, full_logits = merged["slim"](ids).logits, merged["full"](ids).logits
+        plain = load_fam_model(str(tiny_model_dir), FAM, dtype="float32")[0].eval()(ids).logits
+    adapter_effect, rounding = (full_logits - plain).abs().max(), (slim_logits - full_logits).abs().max()
+    assert rounding < adapter_effect / 100, f"bfloat16 copy off by {rounding:.3g}; the adapter moves logits by {adapter_effect:.3g}"
+
     with pytest.raises(ConfigError, match="not a checkpoint folder"):
         recipe_module().resumed_checkpoint(str(tmp_path / "nowhere"), tmp_path)
 
