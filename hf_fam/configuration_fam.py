@@ -118,6 +118,17 @@ class FamConfig(PreTrainedConfig):
     loop_order: str = "auto"
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As for any configuration; the configuration of a base model (e.g. a Llama folder, whose `model_type` is
+        `llama`) is read as a FamConfig of that base with the default FAM settings, instead of a FamConfig of the
+        wrong type (peft reads `FamConfig.from_pretrained(base)` when it saves an adapter of a converted model)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type not in (None, cls.model_type) and "text_config" not in config_dict:
+            config_dict = {"model_type": cls.model_type, "text_config": config_dict, "fam_update": DEFAULT_FAM_UPDATE}
+        return config_dict, kwargs
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         if "fam_update" not in config_dict and "fam_update" not in kwargs:
             config_dict = {**config_dict, "fam_update": _FAM_UPDATE_BEFORE_OPTION}

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_fam
 from hf_fam import FamConfig, FamForCausalLM, UnsupportedArchitectureError, modeling_fam
+from hf_fam.configuration_fam import DEFAULT_BLOCK_SIZE
 
 
 def test_convert_shares_weights_and_adds_only_the_fam_prompt_and_gates():
@@ -88,6 +89,15 @@ def test_a_checkpoint_saved_before_the_update_option_loads_with_the_papers_updat
     with torch.no_grad():
         assert_logits_close(loaded(ids).logits, fam.eval()(ids).logits)
     assert FamConfig(text_config=tiny_config("llama")).fam_update == "gated"  # a new configuration: the default
+
+
+def test_fam_config_of_a_base_folder_wraps_the_base_configuration(tmp_path):
+    """FamConfig.from_pretrained(a base model's folder), as peft calls it when saving an adapter: the base's
+    configuration with the default FAM settings, not a FamConfig of the wrong type."""
+    tiny_base("qwen2").save_pretrained(tmp_path)
+    config = FamConfig.from_pretrained(tmp_path)
+    assert config.text_config.model_type == "qwen2" and config.vocab_size == tiny_config("qwen2").vocab_size
+    assert (config.block_size, config.fam_update) == (DEFAULT_BLOCK_SIZE, "gated")
 
 
 def test_save_and_load_without_fam_rows(tmp_path):

@@ -135,6 +135,8 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_runs_losses(finetune
     shutil.copytree(finetune_run / "checkpoint-4", resumed / "checkpoint-4")
     result = run_recipe(tiny_overrides(tiny_model_dir, resumed, resume_from_checkpoint="true", report_to="none", **CALIBRATED))
     assert "Calibrating the FAM prompt" not in result.stderr, "the checkpoint holds the prompt: no calibration on resume"
+    # peft reads FamConfig.from_pretrained(the base folder) when it saves a checkpoint: a FAM config of that base
+    assert "to instantiate a model of type" not in result.stderr
     recorded = [json.loads((run / "checkpoint-8" / "fam_training.json").read_text())["fam_settings"] for run in (finetune_run, resumed)]
     assert recorded[0]["fam_calibration"]["steps"] == 2 and recorded[1] == recorded[0]  # the record is kept
     original, again = read_log(finetune_run), read_log(resumed)
