@@ -41,13 +41,22 @@ def card_training_facts(adapter_dir: str | Path, info: dict) -> dict:
         "data": info.get("data", "(not recorded)"),
         "optimizer steps": _trained_steps(adapter_dir) if _trained_steps(adapter_dir) is not None else "(not recorded)",
         "LoRA": f"r={adapter.get('r')}, alpha={adapter.get('lora_alpha')}, targets={_targets(adapter, lora)} (merged into the weights)",
-        "FAM parameters trained": ", ".join(adapter.get("modules_to_save") or []) or "none",
+        "FAM parameters trained": _fam_parameters_trained(adapter, settings),
     }
     for key, value in settings.items():
         facts[key.replace("_", " ")] = value
     if info.get("recipe"):
         facts["recipe config"] = info["recipe"]
     return facts
+
+
+def _fam_parameters_trained(adapter: dict, settings: dict) -> str:
+    """The FAM modules the run trained: those saved with the adapter (peft `modules_to_save`), unless their learning
+    rate was 0 (the recipe's `fam_learning_rate: 0.0` keeps them as converted while LoRA trains)."""
+    modules = ", ".join(adapter.get("modules_to_save") or [])
+    if modules and settings.get("fam_learning_rate") == 0:
+        return f"none ({modules} kept as converted: fam_learning_rate 0)"
+    return modules or "none"
 
 
 def _targets(adapter: dict, lora: dict) -> str:

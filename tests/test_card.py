@@ -90,8 +90,17 @@ def test_regenerating_the_card_of_a_merged_model_keeps_its_training_section(conv
     # a run that trained no FAM parameter: the card does not say the memory was trained
     write_model_card(converted, fine_tuned=True, training={**training, "FAM parameters trained": "none"})
     flat = " ".join(model_card(converted).text.split())
-    assert "trained together" not in flat and "The fine-tuning did not train it" in flat
+    assert "trained together" not in flat and "no FAM parameter was among the adapter's `modules_to_save`" in flat
     assert "the FAM prompt trained with it" not in flat
+    # the FAM parameters saved with the adapter but at learning rate 0 (the sixth passkey config): not trained either
+    from hf_fam.merge import _fam_parameters_trained
+
+    frozen = _fam_parameters_trained({"modules_to_save": ["fam_prompt", "fam_gate"]}, {"fam_learning_rate": 0.0})
+    assert frozen == "none (fam_prompt, fam_gate kept as converted: fam_learning_rate 0)"
+    assert _fam_parameters_trained({"modules_to_save": ["fam_prompt"]}, {"fam_learning_rate": 1e-2}) == "fam_prompt"
+    write_model_card(converted, fine_tuned=True, training={**training, "FAM parameters trained": frozen})
+    flat = " ".join(model_card(converted).text.split())
+    assert "trained together" not in flat and "learning rate was 0: LoRA trained the layers to use the memory" in flat
 
 
 def test_card_of_a_gguf_conversion_says_it_is_not_the_original_weights(converted):
