@@ -20,15 +20,14 @@ half-written.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_fam.io_utils import atomic_directory, check_weights_folder
 from hf_fam.training import CARRIED_STATE_FILE, TRAINING_INFO_FILE
 
 
@@ -47,24 +46,16 @@ def slim_checkpoint(source: Path, target: Path, dtype: torch.dtype = torch.bfloa
         )
     if target.exists():
         raise ValueError(f"{target} exists already: pass a new folder (nothing was written).")
+    check_weights_folder(source, "Pass an intact checkpoint folder (an earlier checkpoint-N of the run).")
     tensors = load_file(str(source / ADAPTER_FILE))
     # LoRA's A and B matrices are cast; the FAM parameters (peft modules_to_save: the prompt, the gates) are not
     slim = {name: t.to(dtype) if ".lora_" in name and t.is_floating_point() else t for name, t in tensors.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         save_file(slim, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
         for name in COPIED:
             shutil.copy2(source / name, staging / name)
         for carried in source.glob(CARRIED_STATE_FILE.format(suffix="*")):
             shutil.copy2(carried, staging / carried.name)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the copy is as readable as any folder
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return sorted(target.iterdir())
 
 

@@ -184,6 +184,10 @@ def test_a_slim_checkpoint_resumes_at_its_step_with_its_weights_and_a_fresh_opti
     # refusals: not a checkpoint, an existing target (untouched)
     assert slim.main([str(tiny_model_dir), str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
     assert slim.main([str(full), str(exact)]) == 2
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full, damaged)
+    (damaged / "adapter_model.safetensors").write_bytes((full / "adapter_model.safetensors").read_bytes()[:100])
+    assert slim.main([str(damaged), str(tmp_path / "y")]) == 2 and not (tmp_path / "y").exists()
 
     resumed = tmp_path / "resumed"
     result = run_recipe(tiny_overrides(tiny_model_dir, resumed, resume_from_checkpoint=str(exact), report_to="none", **CALIBRATED))
