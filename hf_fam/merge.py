@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .io_utils import OutputExistsError, atomic_directory
+from .io_utils import atomic_directory, check_output_folder
 from .training import TRAINING_INFO_FILE, is_fam_checkpoint, load_fam_model, read_training_info
 
 
@@ -106,13 +106,24 @@ def merge_adapter(
         elif adapter_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in adapter_dir.iterdir()):
             hint = " It holds checkpoint-N folders: pass one of them."
         raise MergeError(f"{adapter_dir} is not a PEFT adapter folder (no {ADAPTER_CONFIG}).{hint}")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{output} exists and is not empty; pass --overwrite to replace it, or choose another OUTPUT.")
     adapter = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     if adapter.get("peft_type") != "LORA":
         raise MergeError(f"{adapter_dir} holds a {adapter.get('peft_type')} adapter; hf-fam merge folds LoRA adapters.")
     info = read_training_info(adapter_dir)
     source = base or info.get("model_source") or adapter.get("base_model_name_or_path")
+    if source is not None and not Path(source).exists():
+        from .sources import SourceError, check_hub_model
+
+        try:
+            check_hub_model(str(source))
+        except SourceError as error:
+            if base:
+                raise MergeError(f"--base {error}") from None
+            raise MergeError(
+                f"The model {adapter_dir} was trained on cannot be found: {error} Pass --base with where that model is now."
+            ) from None
+    # before minutes of loading: OUTPUT must be writable, and --overwrite must not delete what is being read
+    check_output_folder(output, overwrite=overwrite, sources=[adapter_dir] + ([source] if source and Path(source).exists() else []))
     fam_settings = dict(info.get("fam_settings") or {})
     fam_settings.pop("fam_calibration", None)  # a record of the conversion, not a setting (load_fam_model reads it)
     if not is_fam_checkpoint(source):

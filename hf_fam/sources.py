@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .io_utils import check_weights_folder
+from .io_utils import TOKENIZER_FILES, check_weights_folder, has_tokenizer_files
 
 
 logger = logging.get_logger(__name__)
@@ -90,11 +90,14 @@ def load_source(
     gguf_file: str | None = None,
     token: str | bool | None = None,
     progress: Callable[[str], None] | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedSource:
     """Load the base causal LM and tokenizer named by `source` (None: the embedded default).
 
     An unsupported family is refused from its configuration (or GGUF header), before any weights are read.
-    `progress` receives a line per loading step; without it they are logged at info level.
+    `progress` receives a line per loading step; without it they are logged at info level. Weights are read from
+    safetensors files only: a checkpoint with PyTorch pickle files only (`pytorch_model.bin`) is refused unless
+    `allow_pickle` (loading a pickle can run code that it carries).
     """
     if source is None:
         path = default_gguf_path()
@@ -113,12 +116,26 @@ def load_source(
             raise SourceError(f"{source} is a file but not a .gguf file; pass a checkpoint folder, a Hub id or a .gguf file.")
         if not (path / "config.json").is_file():
             raise SourceError(f"{source} is a folder without config.json; it is not a transformers checkpoint.")
-        return _load_pretrained(str(path), dtype, revision=None, token=token, description=f"local folder {path}", progress=progress)
+        return _load_pretrained(
+            str(path), dtype, revision=None, token=token, description=f"local folder {path}", progress=progress,
+            allow_pickle=allow_pickle,
+        )
     local_files_only = check_hub_model(source, revision=revision, token=token)
     return _load_pretrained(
         source, dtype, revision=revision, token=token, description=f"Hub model {source}", progress=progress,
-        local_files_only=local_files_only,
+        local_files_only=local_files_only, allow_pickle=allow_pickle,
     )
+
+
+PICKLE_FIX = (
+    "hf-fam reads safetensors weights only, because loading a pickle can run code that it carries. If you trust "
+    "this checkpoint, pass --allow-pickle (allow_pickle=True), or save it as safetensors first "
+    "(model.save_pretrained(folder))."
+)
+
+
+def pickle_only_message(source) -> str:
+    return f"{source} holds PyTorch pickle weights (pytorch_model*.bin) and no .safetensors files. {PICKLE_FIX}"
 
 
 def _is_connection_error(error: Exception) -> bool:
@@ -231,7 +248,8 @@ def _hub_error_message(source: str, error: Exception) -> str:
 
 
 def _load_pretrained(
-    source: str, dtype: str, revision, token, description: str, progress=None, local_files_only: bool = False
+    source: str, dtype: str, revision, token, description: str, progress=None, local_files_only: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedSource:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -250,11 +268,16 @@ def _load_pretrained(
     check_supported_config(config, layout=True)  # before any weights are read or downloaded
     if local:
         check_weights_folder(source, SOURCE_FIX)
+        if not allow_pickle and not any(Path(source).glob("*.safetensors")) and any(Path(source).glob("pytorch_model*.bin")):
+            raise SourceError(pickle_only_message(source))
     say(f"Loading the weights ({config.model_type}, {config.num_hidden_layers} layers) ...")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **hub_kwargs)
+        # use_safetensors=True: transformers refuses instead of falling back to a pickle; None lets it choose
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **hub_kwargs)
     except Exception as error:  # report any read failure as one clear message; --debug shows the traceback
         message = str(error)
+        if not allow_pickle and "model.safetensors" in message and not local:  # a Hub repo with pickle weights only
+            raise SourceError(f"{source} has no .safetensors weights on the Hub ({message}). {PICKLE_FIX}") from error
         if "safetensors" in message.lower() or "header" in message.lower() or "deserializ" in message.lower():
             raise SourceError(
                 f"The weights of {source} could not be read ({message}). A weights file is corrupted or truncated: "
@@ -264,11 +287,18 @@ def _load_pretrained(
             raise SourceError(f"Could not load the weights of {source}: {message}") from error
         raise SourceError(_hub_error_message(source, error)) from error
     say("Loading the tokenizer ...")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
-    except Exception as error:  # a checkpoint without a tokenizer still converts
-        logger.warning(f"No tokenizer could be loaded from {source} ({error}); the output will have none.")
+    if local and not has_tokenizer_files(source):  # transformers would talk of sentencepiece and slow tokenizers
+        logger.warning(
+            f"{source} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); the output will have none. Copy the "
+            "base model's tokenizer files into the output folder to use it with a tokenizer."
+        )
         tokenizer = None
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
+        except Exception as error:  # a checkpoint without a tokenizer still converts
+            logger.warning(f"No tokenizer could be loaded from {source} ({error}); the output will have none.")
+            tokenizer = None
     base_model = source if not local else _base_model_from_card(Path(source))
     license = _license_from_card(source, token, local_files_only)
     return LoadedSource(model.eval(), tokenizer, description, base_model=base_model, license=license)

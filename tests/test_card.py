@@ -103,6 +103,20 @@ def test_regenerating_the_card_of_a_merged_model_keeps_its_training_section(conv
     assert "trained together" not in flat and "learning rate was 0: LoRA trained the layers to use the memory" in flat
 
 
+def test_card_of_an_adapter_without_a_training_record_does_not_claim_the_recipe(converted):
+    """merge of an adapter made with plain peft (no fam_training.json): the card said "Fine-tuned with hf-fam's
+    recipes/finetune.py (the paper's method)" beside "data | (not recorded)"."""
+    from hf_fam.hub import model_card
+
+    unrecorded = {"data": "(not recorded)", "optimizer steps": "(not recorded)", "LoRA": "r=4, alpha=8"}
+    write_model_card(converted, fine_tuned=True, training=unrecorded)
+    flat = " ".join(model_card(converted).text.split())
+    assert "recipes/finetune.py` (the paper's method)" not in flat
+    assert "How it was trained was not recorded (the adapter folder had no `fam_training.json`" in flat
+    write_model_card(converted, fine_tuned=True, training={**unrecorded, "recipe config": "passkey.yaml"})
+    assert "recipes/finetune.py` (the paper's method)" in " ".join(model_card(converted).text.split())
+
+
 def test_card_of_a_gguf_conversion_says_it_is_not_the_original_weights(converted):
     """The embedded default is a 4-bit (Q4_1) GGUF; the card named the Hub model as if its weights were converted."""
     from hf_fam.hub import model_card

@@ -266,6 +266,19 @@ def test_merge_refuses_wrong_inputs_with_what_to_do(finetune_run, tmp_path, tiny
     with pytest.raises(OutputExistsError, match="--overwrite"):
         merge_adapter(finetune_run / "checkpoint-4", existing)
     assert (existing / "keep.txt").read_text() == "x"
+    # --overwrite of the run folder that holds the adapter: it deleted the run and wrote the merged model there
+    from hf_fam.io_utils import OutputPathError
+
+    run = tmp_path / "run"
+    shutil.copytree(finetune_run / "checkpoint-4", run / "checkpoint-4")
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    for output in (run, run / "checkpoint-4"):
+        with pytest.raises(OutputPathError, match="the source being read"):
+            merge_adapter(run / "checkpoint-4", output, overwrite=True)
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
+    with pytest.raises(MergeError, match="--base ./no-such-folder does not exist"):
+        merge_adapter(finetune_run / "checkpoint-4", tmp_path / "out", base="./no-such-folder")
+    assert not (tmp_path / "out").exists()
 
 
 def _stopped_run(tmp_path):
