@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .io_utils import atomic_directory, check_output_folder
-from .training import TRAINING_INFO_FILE, is_fam_checkpoint, load_fam_model, read_training_info
+from .training import TRAINING_INFO_FILE, is_fam_checkpoint, load_fam_model, peft_without_deprecation_noise, read_training_info
 
 
 logger = logging.get_logger(__name__)
@@ -146,7 +146,8 @@ def merge_adapter(
     # the adapter carries the trained prompt: no calibration at conversion
     model, tokenizer, base_model = load_fam_model(source, fam_settings, dtype=dtype, trained_from=adapter_dir)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with peft_without_deprecation_noise():
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, RuntimeError, KeyError) as error:
         raise MergeError(f"The adapter in {adapter_dir} does not fit the model from {source}: {error}") from error
     merged = peft_model.merge_and_unload()

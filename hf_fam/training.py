@@ -22,6 +22,7 @@ in `hf_fam.training_data`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -29,6 +30,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +64,16 @@ def unwrap_fam_model(model) -> FamForCausalLM:
         else:
             break
     raise TypeError(f"Expected a FamForCausalLM (possibly wrapped by peft or a distributed wrapper), got {type(model).__name__}.")
+
+
+@contextlib.contextmanager
+def peft_without_deprecation_noise():
+    """Wrap peft's model construction: peft reads `model.is_gradient_checkpointing`, which transformers 5.x
+    deprecates with a FutureWarning at every adapter that is added or loaded. The warning is about peft's code, and
+    a user can do nothing about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _plain_name(name: str) -> str:

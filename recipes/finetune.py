@@ -48,6 +48,7 @@ from hf_fam.training import (
     fam_module_names,
     is_fam_checkpoint,
     load_fam_model,
+    peft_without_deprecation_noise,
 )
 from hf_fam.training_data import CurriculumStage, FamDataCollator, SyntheticTaskDataset, load_text_dataset
 
@@ -96,7 +97,8 @@ def build_model(model_config: dict, lora_config: dict, resume_from: Path | None 
     modules_to_save = list(lora_config.pop("modules_to_save", None) or [])
     modules_to_save += [m for m in fam_module_names(model) if m not in modules_to_save]
     lora = LoraConfig(task_type="CAUSAL_LM", modules_to_save=modules_to_save, **lora_config)
-    model = get_peft_model(model, lora)
+    with peft_without_deprecation_noise():
+        model = get_peft_model(model, lora)
     return model, tokenizer, base_model
 
 
