@@ -126,6 +126,9 @@ def merge_adapter(
     check_output_folder(output, overwrite=overwrite, sources=[adapter_dir] + ([source] if source and Path(source).exists() else []))
     fam_settings = dict(info.get("fam_settings") or {})
     fam_settings.pop("fam_calibration", None)  # a record of the conversion, not a setting (load_fam_model reads it)
+    # how the training run looped over blocks and layers: a run-time choice with identical results (FAM_SPEC
+    # implementation notes), not a conversion option; the merged model gets the default
+    fam_settings.pop("loop_order", None)
     if not is_fam_checkpoint(source):
         if not fam_settings:
             raise MergeError(
