@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("path", metavar="PATH", help="a model folder (or Hub id)")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", default=None, help="the prompt text")
-    prompt.add_argument("--prompt-file", default=None, help="read the prompt from this file ('-' for standard input)")
+    prompt.add_argument("--prompt-file", default=None, help="read the prompt from this file ('-' for standard input); its final newline is not part of the prompt")
     generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (fewer when the model ends its answer)")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     generate.add_argument("--question", default=None, help="with --prompt-file: text appended after the file's contents, after a blank line")
@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--seed", type=int, default=0, help="random seed")
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to run in")
+    generate.add_argument(
+        "--compare", action="store_true",
+        help="with a FAM checkpoint: answer the same prompt with the base model (full attention), BSWA (fam_length 0) and FAM, in turn",
+    )
     _add_common(generate)
 
     push = _add_command(
@@ -411,6 +415,10 @@ def _read_prompt(args) -> str:
         from .io_utils import read_text_file  # its TextFileError is a ValueError: main() reports it as a user error
 
         text = read_text_file(args.prompt_file, "--prompt-file", "pass a UTF-8 text file, or '-' for standard input")
+    if args.prompt is None:
+        # a text file's last line ends with a newline (editors add it): the file's end, not part of the prompt, which
+        # must end where the model is to go on (e.g. "The pass key is")
+        text = text.removesuffix("\n").removesuffix("\r")
     if args.question:
         text = f"{text.rstrip()}\n\n{args.question}"
     if not text.strip():
@@ -444,9 +452,11 @@ def cmd_generate(args) -> int:
     local_files_only = False
     if Path(path).exists():
         check_model_folder(path)
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        if args.compare and model_type != "fam":  # before the weights are loaded
+            raise CommandError(_not_fam_to_compare(path, f"a {model_type} model"))
     else:
         local_files_only = check_hub_model(path, gguf=False)  # generate reads converted folders only
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hub_kwargs = {"local_files_only": True} if local_files_only else {}
@@ -466,13 +476,38 @@ def cmd_generate(args) -> int:
         )
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
-    prompt_tokens = inputs["input_ids"].shape[1]
-    torch.manual_seed(args.seed)
-    streamer = _timed_streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": False}
     if args.do_sample:
         temperature = 0.7 if args.temperature is None else args.temperature
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.9 if args.top_p is None else args.top_p}
+    if not args.compare:
+        _generate_and_report(model, tokenizer, inputs, args, sampling)
+        return 0
+    from .evaluation import comparison_variants, variant_settings
+    from .modeling_fam import FamForCausalLM
+
+    if not isinstance(model, FamForCausalLM):
+        raise CommandError(_not_fam_to_compare(path, f"a {type(model).__name__}"))
+    for variant in comparison_variants(model, compare=True):
+        print(f"=== {variant_settings(variant, model)} ===", flush=True)  # with the answers: stdout alone says whose each is
+        _generate_and_report(variant.model, tokenizer, inputs, args, sampling)
+    return 0
+
+
+def _not_fam_to_compare(path, holds: str) -> str:
+    return (
+        f"--compare runs a FAM checkpoint against its base model and BSWA, and {path} holds {holds}; convert it first "
+        "with `hf-fam convert`, or leave out --compare."
+    )
+
+
+def _generate_and_report(model, tokenizer, inputs, args, sampling: dict) -> None:
+    """Stream `model`'s answer to `inputs` on stdout, then tokens/s and peak memory on stderr."""
+    import torch
+
+    prompt_tokens = inputs["input_ids"].shape[1]
+    torch.manual_seed(args.seed)
+    streamer = _timed_streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     _progress(f"Prompt: {prompt_tokens} tokens. Generating up to {args.max_new_tokens} tokens ...")
     start = time.perf_counter()
     with torch.no_grad():
@@ -484,13 +519,12 @@ def cmd_generate(args) -> int:
         decoding = f"decoding {(new_tokens - 1) / (end - first):.1f} tokens/s"
     else:
         decoding = "no decoding rate (one token, from the prefill)"
-    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    # ru_maxrss is in KiB on Linux, in bytes on macOS: the process's peak so far (with --compare, over all the runs)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
     _progress(
         f"\n{new_tokens} token{'' if new_tokens == 1 else 's'} generated; prefill {prompt_tokens} tokens in {first - start:.2f} s; "
         f"{decoding}; peak memory {peak:,.0f} MiB (resident)."
     )
-    return 0
 
 
 def _timed_streamer(tokenizer, **kwargs):

@@ -3,6 +3,7 @@ presets, and every error path (one paragraph, non-zero exit, no traceback, nothi
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -434,6 +435,22 @@ def test_generate_streams_text_and_reports_speed(converted_smollm2):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip()
     assert "tokens/s" in result.stderr and "peak memory" in result.stderr
+
+
+@pytest.mark.slow
+def test_generate_compare_answers_with_the_base_model_bswa_and_fam(converted_smollm2, smollm2_dir):
+    result = hf_fam_cli("generate", converted_smollm2, "--prompt", "The capital of France is", "--max-new-tokens", 5, "--compare")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sections = re.split(r"^=== (.*) ===$", result.stdout, flags=re.MULTILINE)[1:]
+    names, answers = sections[0::2], [answer.strip() for answer in sections[1::2]]
+    assert names == ["base model, full attention", "BSWA: B=64, M=1, F=0", "FAM: B=64, M=1, F=8"]
+    assert all(answers), result.stdout
+    # a prompt shorter than a block: BSWA sees what full attention sees, so it must answer the same (greedy)
+    assert answers[0] == answers[1], answers
+    assert result.stderr.count("tokens/s") == 3
+    # a model that is not a FAM checkpoint has nothing to compare: refused before its weights are loaded
+    result = hf_fam_cli("generate", smollm2_dir, "--prompt", "Hi", "--compare")
+    assert_clean_error(result, "holds a llama model; convert it first with `hf-fam convert`, or leave out --compare")
 
 
 def test_convert_option_mistakes_are_refused_before_loading(tmp_path):
