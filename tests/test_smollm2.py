@@ -45,3 +45,30 @@ def test_smollm2_bswa_limit_and_save_load(smollm2_dir, tmp_path):
     assert isinstance(loaded, hf_fam.FamForCausalLM)
     with torch.no_grad():
         assert_logits_close(loaded(ids).logits, with_fam, rtol=1e-6)
+
+
+def test_shipped_passkey_adapter_remembers_past_the_bswa_window(smollm2_dir, tmp_path):
+    """`make demo`'s claim: the adapter shipped in hf_fam/data, merged into SmolLM2, answers the pass key of
+    data/passkey_demo.txt, read 4 blocks before the question (B = 64, M = 0: BSWA sees the current block only);
+    BSWA with the same weights does not. Greedy decoding: both answers are deterministic."""
+    from hf_fam.conversion import bswa_twin
+    from hf_fam.merge import merge_adapter
+
+    data = resources.files("hf_fam").joinpath("data")
+    with resources.as_file(data.joinpath("passkey_adapter")) as adapter:
+        merged = merge_adapter(adapter, tmp_path / "merged", base=str(smollm2_dir))
+    fam = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    prompt = data.joinpath("passkey_demo.txt").read_text().removesuffix("\n")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    c = fam.config
+    window = (c.memory_segments + 1) * c.block_size
+    assert prompt.split("The pass key is ")[1].startswith("25") and ids.shape[1] > 4 * window
+
+    def answer(model):
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=3, do_sample=False)
+        return tokenizer.decode(out[0, ids.shape[1]:])
+
+    assert answer(fam).strip().startswith("25")
+    assert "25" not in answer(bswa_twin(fam).eval())
