@@ -53,7 +53,12 @@ def card_training_facts(adapter_dir: str | Path, info: dict) -> dict:
 def _fam_parameters_trained(adapter: dict, settings: dict) -> str:
     """The FAM modules the run trained: those saved with the adapter (peft `modules_to_save`), unless their learning
     rate was 0 (the recipe's `fam_learning_rate: 0.0` keeps them as converted while LoRA trains)."""
-    modules = ", ".join(adapter.get("modules_to_save") or [])
+    saved = list(adapter.get("modules_to_save") or [])
+    gate_lr = settings.get("fam_gate_learning_rate")
+    if settings.get("fam_learning_rate") == 0 and gate_lr not in (None, 0) and "fam_gate" in saved:
+        frozen = ", ".join(m for m in saved if m != "fam_gate")
+        return f"fam_gate (lr {gate_lr:g}; {frozen} kept as converted: fam_learning_rate 0)" if frozen else "fam_gate"
+    modules = ", ".join(saved)
     if modules and settings.get("fam_learning_rate") == 0:
         return f"none ({modules} kept as converted: fam_learning_rate 0)"
     return modules or "none"

@@ -102,6 +102,9 @@ def fam_parameter_names(model) -> list[str]:
     return names
 
 
+FAM_GATE_MODULE = "fam_gate"  # FamForCausalLM.fam_gate: the gated update's gates, one scalar per layer
+
+
 def fam_module_names(model) -> list[str]:
     """The modules that hold the FAM parameters (e.g. `["fam_prompt"]`): what peft's `modules_to_save` needs to train
     them with the adapter and save them at every checkpoint.
@@ -260,6 +263,13 @@ class FamTrainingArguments(TrainingArguments):
     fam_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the FAM parameters (the prompt, ...); default: learning_rate."},
+    )
+    fam_gate_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the gated update's gates alone (one scalar per layer), e.g. to train the gates "
+            "with the prompt frozen (fam_learning_rate 0); default: fam_learning_rate."
+        },
     )
     # Trainer defaults that FAM training changes: loss weights are a data column, checkpointing saves memory.
     remove_unused_columns: bool = False
@@ -446,24 +456,35 @@ class FamTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------- optimizer
     def create_optimizer(self, model=None):
-        """The stock optimizer, with the FAM parameters in a group of their own when `fam_learning_rate` is set."""
-        if self.optimizer is not None or self.args.fam_learning_rate is None:
+        """The stock optimizer, with the FAM parameters in groups of their own when `fam_learning_rate` or
+        `fam_gate_learning_rate` is set (the gates: `fam_gate_learning_rate`; the prompt and any other FAM parameter:
+        `fam_learning_rate`; each defaults to the one before it, then to `learning_rate`)."""
+        args = self.args
+        if self.optimizer is not None or (args.fam_learning_rate is None and args.fam_gate_learning_rate is None):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         fam_modules = fam_module_names(opt_model)
         decay = set(self.get_decay_parameter_names(opt_model))
+        fam_lr = args.learning_rate if args.fam_learning_rate is None else args.fam_learning_rate
+        gate_lr = fam_lr if args.fam_gate_learning_rate is None else args.fam_gate_learning_rate
 
         def is_fam(name: str) -> bool:
             return any(f".{m}." in f".{name}" for m in fam_modules)
 
+        def is_gate(name: str) -> bool:
+            return f".{FAM_GATE_MODULE}." in f".{name}"
+
         trainable = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         groups = [
-            {"params": [p for n, p in trainable if not is_fam(n) and n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in trainable if not is_fam(n) and n in decay], "weight_decay": args.weight_decay},
             {"params": [p for n, p in trainable if not is_fam(n) and n not in decay], "weight_decay": 0.0},
-            {"params": [p for n, p in trainable if is_fam(n)], "weight_decay": 0.0, "lr": self.args.fam_learning_rate},
+            {"params": [p for n, p in trainable if is_fam(n) and not is_gate(n)], "weight_decay": 0.0, "lr": fam_lr},
+            {"params": [p for n, p in trainable if is_fam(n) and is_gate(n)], "weight_decay": 0.0, "lr": gate_lr},
         ]
-        if not groups[2]["params"]:
+        if not groups[2]["params"] + groups[3]["params"]:
             logger.warning("fam_learning_rate is set but no FAM parameter is trainable (add them to modules_to_save).")
+        elif args.fam_gate_learning_rate is not None and not groups[3]["params"]:
+            logger.warning("fam_gate_learning_rate is set but the model has no trainable gates (fam_update 'gated' has them).")
         groups = [g for g in groups if g["params"]]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)

@@ -178,6 +178,7 @@ def main(argv=None) -> int:
             "learning_rate": args.learning_rate,
             # 0.0 freezes the FAM prompt and gates (the sixth passkey config): recorded as 0, not as the LoRA rate
             "fam_learning_rate": args.fam_learning_rate if args.fam_learning_rate is not None else args.learning_rate,
+            "fam_gate_learning_rate": args.fam_gate_learning_rate,  # None: the same as fam_learning_rate
             "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
             "random_state_passing": args.fam_state_passing_probability,
             "random_position_offset": args.fam_position_offset_probability,

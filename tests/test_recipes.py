@@ -539,6 +539,26 @@ def test_fam_parameters_get_their_own_learning_rate(tmp_path, one_thread):
     assert all(lr == 1e-3 for lr, i in groups if i not in fam_ids)
 
 
+def test_the_gates_can_train_with_the_prompt_frozen(tmp_path, one_thread):
+    rows = [{"input_ids": random_ids(1, 20, seed=i)[0].tolist()} for i in range(2)]
+    trainer = _trainer(tmp_path, rows, batch=2, accumulation=1, fam_learning_rate=0.0, fam_gate_learning_rate=0.25)
+    trainer.create_optimizer()
+    lr_of = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    gates = [n for n in trainable if ".fam_gate." in n]
+    prompts = [n for n in trainable if ".fam_prompt." in n]
+    assert gates and prompts
+    assert {lr_of[id(trainable[n])] for n in gates} == {0.25}
+    assert {lr_of[id(trainable[n])] for n in prompts} == {0.0}
+    assert {lr_of[id(p)] for n, p in trainable.items() if n not in gates + prompts} == {1e-3}
+    # only the gates move in a step
+    before = {n: p.detach().clone() for n, p in trainable.items() if n in gates + prompts}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(after[n], before[n]) for n in gates)
+    assert all(torch.equal(after[n], before[n]) for n in prompts)
+
+
 # ------------------------------------------------------------------------------------------------ configs
 def test_every_shipped_config_parses_into_valid_arguments_and_says_how_to_launch_it():
     from peft import LoraConfig
