@@ -585,7 +585,7 @@ def _add_eval_parser(commands) -> None:
         "eval", help="measure a converted folder: passkey retrieval, streamed perplexity of a long text", formatter_class=_Formatter,
         description="Evaluate a TransformerFAM checkpoint; --compare also runs the base model (full attention) and BSWA "
         "(same B and M, no FAM) built from the same weights. Results go to the model folder (or --output): JSON, CSV, "
-        "a PNG, and eval_results.json, which `hf-fam push` puts in the model card.\n\n"
+        "a PNG, and eval_results.json, which reaches the folder's model card (now, or at `hf-fam push` for --output).\n\n"
         "  hf-fam eval passkey DIR --lengths 1k,2k,4k --trials 5 --compare\n"
         "  hf-fam eval perplexity DIR --text book.txt --max-tokens 32768 --compare",
     )
@@ -635,7 +635,13 @@ def cmd_eval(args) -> int:
             args.path, text_file=args.text, max_tokens=args.max_tokens, bucket=args.bucket, log=_progress, **common
         )
         print(evaluation.perplexity_table(document))
-    _progress(f"Wrote {args.eval_task} results and eval_results.json to {args.output or args.path}")
+    written = f"Wrote {args.eval_task} results and eval_results.json to {args.output or args.path}"
+    if args.output is None and path.is_dir():
+        from .hub import refresh_model_card
+
+        if refresh_model_card(path):  # the card in the folder lists what was just measured, as `push` would
+            written += "; its model card (README.md) now shows them"
+    _progress(written)
     return 0
 
 

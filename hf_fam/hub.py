@@ -73,6 +73,18 @@ def write_model_card(folder: str | Path, repo_id: str | None = None, **card_kwar
     return folder / "README.md"
 
 
+def refresh_model_card(folder: str | Path) -> bool:
+    """Rewrite the model card of `folder` if hf-fam wrote it (its `hf-fam` tag), e.g. once `hf-fam eval` has added
+    rows to `eval_results.json`: the card keeps its name and Hub id (read from its usage example), base model,
+    license and Training table. Returns False, writing nothing, for a folder without a card or with someone else's."""
+    folder = Path(folder)
+    if "hf-fam" not in (existing_card_data(folder).get("tags") or []):
+        return False
+    named = re.search(r'from_pretrained\("([^"]+)"', _previous_card_text(folder))
+    write_model_card(folder, repo_id=named.group(1) if named else None)
+    return True
+
+
 def _replace_file(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -122,6 +122,25 @@ def test_eval_passkey_compare_writes_table_files_and_card(fam_dir, tmp_path):
     assert {r.metric_type for r in index} == {"accuracy"}
 
 
+def test_eval_into_the_model_folder_updates_its_card(tmp_path):
+    """Results written into the model folder reach its card at once (the card said "No evaluation results" until a
+    push regenerated it); a card hf-fam did not write is left alone."""
+    model = save_converted(tmp_path / "model")
+    assert "No evaluation results" in (model / "README.md").read_text()
+    result = hf_fam_cli("eval", "passkey", model, "--lengths", "32", "--depths", "0", "--trials", 1, "--key-digits", 2, "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "its model card (README.md) now shows them" in result.stderr
+    card = ModelCard.load(model / "README.md")
+    assert "| passkey retrieval | accuracy, 32 filler tokens |" in card.text and "No evaluation results" not in card.text
+    assert 'from_pretrained("someone/tiny-fam"' in card.text  # the card keeps its Hub id
+    assert not leftovers(model)
+
+    (model / "README.md").write_text("# my own card\n")
+    result = hf_fam_cli("eval", "passkey", model, "--lengths", "32", "--depths", "0", "--trials", 1, "--key-digits", 2, "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (model / "README.md").read_text() == "# my own card\n" and "model card" not in result.stderr
+
+
 def test_eval_perplexity_compare_bswa_limit_equals_base(tmp_path, text_file, capsys):
     # (M+1)B = 256 >= the 200 tokens scored and F = 0: BSWA is exactly full attention
     model = save_converted(tmp_path / "bswa", block_size=128, memory_segments=1, fam_length=0)
