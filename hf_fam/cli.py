@@ -585,7 +585,7 @@ def _add_eval_parser(commands) -> None:
         "eval", help="measure a converted folder: passkey retrieval, streamed perplexity of a long text", formatter_class=_Formatter,
         description="Evaluate a TransformerFAM checkpoint; --compare also runs the base model (full attention) and BSWA "
         "(same B and M, no FAM) built from the same weights. Results go to the model folder (or --output): JSON, CSV, "
-        "a PNG, and eval_results.json, which reaches the folder's model card (now, or at `hf-fam push` for --output).\n\n"
+        "a PNG, and eval_results.json; results written into the model folder also reach its model card.\n\n"
         "  hf-fam eval passkey DIR --lengths 1k,2k,4k --trials 5 --compare\n"
         "  hf-fam eval perplexity DIR --text book.txt --max-tokens 32768 --compare",
     )
