@@ -317,6 +317,7 @@ class FamTrainer(Trainer):
         self._last_inputs: dict = {}  # what the last training forward pass received besides the batch (inspection)
         self._tokens_since_log, self._time_of_log = 0, None
         self._answer_sums = dict.fromkeys(("loss", "correct", "tokens", "exact", "rows"), 0)
+        self.add_callback(StepsFromArgumentsCallback())
 
     # ---------------------------------------------------------------------------------- data
     def _set_signature_columns_if_needed(self):
@@ -569,6 +570,21 @@ def peak_memory_mib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class StepsFromArgumentsCallback(TrainerCallback):
+    """A resumed run logs and saves every `logging_steps` / `save_steps` of its own arguments. Trainer reloads the
+    checkpoint's `trainer_state.json` after reading them, so a run resumed with `save_steps: 50` from a checkpoint
+    written with 100 saved every 100 steps (with only a "do not match" warning)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        before = (state.logging_steps, state.eval_steps, state.save_steps)
+        state.compute_steps(args, state.max_steps)
+        if state.global_step > 0 and before != (state.logging_steps, state.eval_steps, state.save_steps):
+            logger.info(
+                f"Resumed at step {state.global_step}: logging every {state.logging_steps} and saving every "
+                f"{state.save_steps} steps, as the arguments say (the checkpoint's run used {before[0]} and {before[2]})."
+            )
 
 
 class CSVLoggerCallback(TrainerCallback):

@@ -133,7 +133,10 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_runs_losses(finetune
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(finetune_run / "checkpoint-4", resumed / "checkpoint-4")
-    result = run_recipe(tiny_overrides(tiny_model_dir, resumed, resume_from_checkpoint="true", report_to="none", **CALIBRATED))
+    # save_steps 2 where the checkpoint's run had 4: the resumed run's own arguments hold (Trainer reloads the
+    # checkpoint's trainer_state.json after reading them, and used to save every 4 steps)
+    result = run_recipe(tiny_overrides(tiny_model_dir, resumed, resume_from_checkpoint="true", report_to="none", save_steps=2, **CALIBRATED))
+    assert (resumed / "checkpoint-6").is_dir()
     assert "Calibrating the FAM prompt" not in result.stderr, "the checkpoint holds the prompt: no calibration on resume"
     # peft reads FamConfig.from_pretrained(the base folder) when it saves a checkpoint: a FAM config of that base
     assert "to instantiate a model of type" not in result.stderr
