@@ -452,9 +452,12 @@ def cmd_generate(args) -> int:
     local_files_only = False
     if Path(path).exists():
         check_model_folder(path)
-        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-        if args.compare and model_type != "fam":  # before the weights are loaded
-            raise CommandError(_not_fam_to_compare(path, f"a {model_type} model"))
+        if args.compare:  # before the weights are loaded
+            from .card import folder_model_type
+
+            model_type = folder_model_type(path)
+            if model_type != "fam":
+                raise CommandError(_not_fam_to_compare(path, f"a {model_type} model"))
     else:
         local_files_only = check_hub_model(path, gguf=False)  # generate reads converted folders only
     from transformers import AutoModelForCausalLM, AutoTokenizer

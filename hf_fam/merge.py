@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .io_utils import atomic_directory, check_output_folder
-from .training import TRAINING_INFO_FILE, is_fam_checkpoint, load_fam_model, peft_without_deprecation_noise, read_training_info
+from .training import FAM_GATE_MODULE, TRAINING_INFO_FILE, is_fam_checkpoint, load_fam_model, peft_without_deprecation_noise, read_training_info
 
 
 logger = logging.get_logger(__name__)
@@ -52,16 +52,26 @@ def card_training_facts(adapter_dir: str | Path, info: dict) -> dict:
 
 def _fam_parameters_trained(adapter: dict, settings: dict) -> str:
     """The FAM modules the run trained: those saved with the adapter (peft `modules_to_save`), unless their learning
-    rate was 0 (the recipe's `fam_learning_rate: 0.0` keeps them as converted while LoRA trains)."""
+    rate was 0 (the recipe's `fam_learning_rate: 0.0` keeps them as converted while LoRA trains; the gates follow
+    `fam_gate_learning_rate` when the run set it)."""
     saved = list(adapter.get("modules_to_save") or [])
     gate_lr = settings.get("fam_gate_learning_rate")
-    if settings.get("fam_learning_rate") == 0 and gate_lr not in (None, 0) and "fam_gate" in saved:
-        frozen = ", ".join(m for m in saved if m != "fam_gate")
-        return f"fam_gate (lr {gate_lr:g}; {frozen} kept as converted: fam_learning_rate 0)" if frozen else "fam_gate"
-    modules = ", ".join(saved)
-    if modules and settings.get("fam_learning_rate") == 0:
-        return f"none ({modules} kept as converted: fam_learning_rate 0)"
-    return modules or "none"
+
+    def rate_setting(module: str) -> tuple[str, float | None]:
+        if module == FAM_GATE_MODULE and gate_lr is not None:
+            return "fam_gate_learning_rate", gate_lr
+        return "fam_learning_rate", settings.get("fam_learning_rate")
+
+    frozen = [m for m in saved if rate_setting(m)[1] == 0]
+    trained = [m for m in saved if m not in frozen]
+    if not frozen:
+        return ", ".join(trained) or "none"
+    reasons = sorted({f"{rate_setting(m)[0]} 0" for m in frozen})
+    kept = f"{', '.join(frozen)} kept as converted: {', '.join(reasons)}"
+    if not trained:
+        return f"none ({kept})"
+    rates = [f"lr {rate_setting(m)[1]:g}" for m in trained if m == FAM_GATE_MODULE and gate_lr is not None]
+    return f"{', '.join(trained)} ({'; '.join(rates + [kept])})"
 
 
 def _targets(adapter: dict, lora: dict) -> str:

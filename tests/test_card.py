@@ -100,6 +100,8 @@ def test_regenerating_the_card_of_a_merged_model_keeps_its_training_section(conv
     assert _fam_parameters_trained({"modules_to_save": ["fam_prompt"]}, {"fam_learning_rate": 1e-2}) == "fam_prompt"
     gates_only = _fam_parameters_trained({"modules_to_save": ["fam_prompt", "fam_gate"]}, {"fam_learning_rate": 0.0, "fam_gate_learning_rate": 1e-3})
     assert gates_only == "fam_gate (lr 0.001; fam_prompt kept as converted: fam_learning_rate 0)"
+    frozen_gates = _fam_parameters_trained({"modules_to_save": ["fam_prompt", "fam_gate"]}, {"fam_learning_rate": 1e-2, "fam_gate_learning_rate": 0.0})
+    assert frozen_gates == "fam_prompt (fam_gate kept as converted: fam_gate_learning_rate 0)"
     write_model_card(converted, fine_tuned=True, training={**training, "FAM parameters trained": frozen})
     flat = " ".join(model_card(converted).text.split())
     assert "trained together" not in flat and "learning rate was 0: LoRA trained the layers to use the memory" in flat
