@@ -5,6 +5,7 @@ enter the model, FSDP2 sharding of a FAM model, and the shipped configs."""
 import csv
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -560,6 +561,32 @@ def test_the_gates_can_train_with_the_prompt_frozen(tmp_path, one_thread):
     after = dict(trainer.model.named_parameters())
     assert all(not torch.equal(after[n], before[n]) for n in gates)
     assert all(torch.equal(after[n], before[n]) for n in prompts)
+
+
+def test_half_precision_on_a_cpu_without_its_instructions_is_warned_about(tmp_path, monkeypatch, caplog):
+    import hf_fam.training as training
+
+    def arguments(**options):
+        return FamTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+
+    monkeypatch.setattr(training, "cpu_half_precision_is_slow", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="hf_fam.training"):
+        arguments(bf16=True)
+    assert "bf16=True" in caplog.text and "bf16: false" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_fam.training"):
+        arguments()  # float32: nothing to say
+        monkeypatch.setattr(training, "cpu_half_precision_is_slow", lambda: False)
+        arguments(bf16=True)
+    assert "bf16" not in caplog.text
+    # the check itself: x86 without AVX-512 or AMX is slow; with either, or another architecture, it is not said
+    monkeypatch.undo()
+    for machine, avx512, amx, slow in [("x86_64", False, False, True), ("x86_64", True, False, False),
+                                        ("AMD64", False, True, False), ("aarch64", False, False, False)]:
+        monkeypatch.setattr(training.platform, "machine", lambda machine=machine: machine)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda avx512=avx512: avx512)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert training.cpu_half_precision_is_slow() is slow, machine
 
 
 # ------------------------------------------------------------------------------------------------ configs
