@@ -427,6 +427,7 @@ def _read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
+    from .hardware import warn_if_slow_on_cpu
     from .io_utils import check_model_folder
     from .sources import check_hub_model, resolve_dtype
 
@@ -473,6 +474,7 @@ def cmd_generate(args) -> int:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype), **hub_kwargs).eval()
     except OSError as error:
         raise CommandError(f"Could not load a model from {path}: {error}") from error
+    warn_if_slow_on_cpu(model, "Pass --dtype float32.")
     if args.chat:
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True

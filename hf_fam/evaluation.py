@@ -97,6 +97,7 @@ def load_fam(path: str | os.PathLike, dtype: str = "auto"):
     """The FamForCausalLM and tokenizer of a converted folder (or Hub id), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .hardware import warn_if_slow_on_cpu
     from .io_utils import DamagedFileError, check_model_folder
     from .modeling_fam import FamForCausalLM
     from .sources import resolve_dtype
@@ -114,6 +115,7 @@ def load_fam(path: str | os.PathLike, dtype: str = "auto"):
         raise EvaluationError(
             f"{path} holds a {type(model).__name__}, not a TransformerFAM checkpoint; convert it first with `hf-fam convert`."
         )
+    warn_if_slow_on_cpu(model, "Pass --dtype float32 (dtype='float32').")
     return model.eval(), tokenizer
 
 

@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import os
-import platform
 import random
 import resource
 import time
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
+from .hardware import cpu_half_precision_is_slow
 from .modeling_fam import _OUTPUT_CACHE_FIELD, FamForCausalLM
 
 
@@ -303,19 +303,6 @@ def _trains_on_cpu(args: TrainingArguments) -> bool:
     """Whether `args` train on the CPU (`use_cpu`, or no accelerator), without setting up devices."""
     accelerator = getattr(torch, "accelerator", None)
     return bool(args.use_cpu) or not (accelerator.is_available() if accelerator else torch.cuda.is_available())
-
-
-def cpu_half_precision_is_slow() -> bool:
-    """Whether this CPU lacks the instructions torch's bfloat16/float16 matrix products need to be fast: an x86 CPU
-    without AVX-512 or AMX (oneDNN's half-precision kernels need one of them; torch then falls back to a scalar
-    gemm, measured ~35-50x slower than float32 on an AVX2 CPU). False where unsure (other CPUs, older torch)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return False
-    cpu = torch.cpu
-    try:
-        return not (cpu._is_avx512_supported() or cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------------- trainer

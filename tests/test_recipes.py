@@ -564,6 +564,7 @@ def test_the_gates_can_train_with_the_prompt_frozen(tmp_path, one_thread):
 
 
 def test_half_precision_on_a_cpu_without_its_instructions_is_warned_about(tmp_path, monkeypatch, caplog):
+    import hf_fam.hardware as hardware
     import hf_fam.training as training
 
     def arguments(**options):
@@ -583,10 +584,18 @@ def test_half_precision_on_a_cpu_without_its_instructions_is_warned_about(tmp_pa
     monkeypatch.undo()
     for machine, avx512, amx, slow in [("x86_64", False, False, True), ("x86_64", True, False, False),
                                         ("AMD64", False, True, False), ("aarch64", False, False, False)]:
-        monkeypatch.setattr(training.platform, "machine", lambda machine=machine: machine)
+        monkeypatch.setattr(hardware.platform, "machine", lambda machine=machine: machine)
         monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda avx512=avx512: avx512)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        assert training.cpu_half_precision_is_slow() is slow, machine
+        assert hardware.cpu_half_precision_is_slow() is slow, machine
+    # generate and eval say it too, for a model loaded in half precision on such a CPU
+    monkeypatch.setattr(hardware, "cpu_half_precision_is_slow", lambda: True)
+    model = torch.nn.Linear(2, 2)
+    assert not hardware.warn_if_slow_on_cpu(model, "Pass --dtype float32.")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_fam.hardware"):
+        assert hardware.warn_if_slow_on_cpu(model.to(torch.bfloat16), "Pass --dtype float32.")
+    assert "runs in bfloat16" in caplog.text and "Pass --dtype float32." in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ configs
