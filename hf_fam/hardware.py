@@ -35,9 +35,13 @@ def warn_if_slow_on_cpu(model: torch.nn.Module, fix: str) -> bool:
         return False
     if not cpu_half_precision_is_slow():
         return False
-    logger.warning(
-        f"The model runs in {str(parameter.dtype).removeprefix('torch.')} on a CPU without half-precision matrix "
-        "instructions (x86 without AVX-512 or AMX), where torch multiplies such matrices tens of times slower than "
-        f"float32. {fix}"
-    )
+    logger.warning(slow_half_precision_message(f"The model runs in {str(parameter.dtype).removeprefix('torch.')}", fix))
     return True
+
+
+def slow_half_precision_message(subject: str, fix: str) -> str:
+    """The warning for half precision where `cpu_half_precision_is_slow`: `subject` says what runs in it."""
+    return (
+        f"{subject} on a CPU without half-precision matrix instructions (x86 without AVX-512 or AMX), where torch "
+        f"multiplies bfloat16/float16 matrices tens of times slower than float32. {fix}"
+    )

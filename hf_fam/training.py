@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from .hardware import cpu_half_precision_is_slow
+from .hardware import cpu_half_precision_is_slow, slow_half_precision_message
 from .modeling_fam import _OUTPUT_CACHE_FIELD, FamForCausalLM
 
 
@@ -291,12 +291,11 @@ class FamTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
         half = "bf16" if self.bf16 else "fp16" if self.fp16 else None
         if half and _trains_on_cpu(self) and cpu_half_precision_is_slow():
-            logger.warning(
-                f"{half}=True trains on a CPU without half-precision matrix instructions (x86 without AVX-512 or AMX): "
-                "torch runs bfloat16/float16 matrix products there tens of times slower than float32 (a 1,024 x 576 "
-                f"x 1,536 product: 1.7 s against 0.03-0.05 s on an AVX2 CPU). Set {half}: false (float32) unless it "
-                "does not fit in memory; then lower per_device_train_batch_size and raise gradient_accumulation_steps."
+            fix = (
+                f"Set {half}: false (float32) unless it does not fit in memory; then lower per_device_train_batch_size "
+                "and raise gradient_accumulation_steps."
             )
+            logger.warning(slow_half_precision_message(f"{half}=True trains", fix))
 
 
 def _trains_on_cpu(args: TrainingArguments) -> bool:
