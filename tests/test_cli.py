@@ -1,5 +1,6 @@
-"""The `hf-fam` console script, end to end in subprocesses: conversion of folders and GGUF files, info, generate,
-presets, and every error path (one paragraph, non-zero exit, no traceback, nothing written)."""
+"""The `hf-fam` console script, end to end in separate processes (forked from one that has imported torch, see
+cli_runner.py): conversion of folders and GGUF files, info, generate, presets, and every error path (one paragraph,
+non-zero exit, no traceback, nothing written)."""
 
 import json
 import os
@@ -11,19 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import OFFLINE_ENV
+from cli_runner import run as hf_fam_cli  # the console script, forked from a process that has imported torch
 from conftest import assert_logits_close, build_tiny_tokenizer, random_ids, smollm2_gguf_path, tiny_base
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_fam
 from hf_fam.io_utils import OutputExistsError, atomic_directory
-
-
-HF_FAM = str(Path(sys.executable).with_name("hf-fam"))
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def hf_fam_cli(*args, env=None, timeout=600):
-    return subprocess.run([HF_FAM, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env or OFFLINE_ENV)
 
 
 def assert_clean_error(result, *fragments):

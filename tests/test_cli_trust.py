@@ -1,6 +1,6 @@
-"""Issue 15, "CLI you can trust": the `hf-fam` console script run as a user runs it (subprocesses, no network) on
-the paths where it used to invent output, destroy inputs, or fail without saying what to do. The push paths are in
-test_push.py (they need the fake Hub)."""
+"""Issue 15, "CLI you can trust": the `hf-fam` console script run as a user runs it (in separate processes, see
+cli_runner.py; no network) on the paths where it used to invent output, destroy inputs, or fail without saying what
+to do. The push paths are in test_push.py (they need the fake Hub)."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_ids, tiny_base
-from test_cli import HF_FAM, OFFLINE_ENV, assert_clean_error, hf_fam_cli, leftovers
+from test_cli import OFFLINE_ENV, assert_clean_error, hf_fam_cli, leftovers
 
 import hf_fam
 from hf_fam.io_utils import atomic_directory
@@ -114,10 +114,7 @@ def test_every_convert_failure_leaves_the_parent_folder_as_it_was(case, folders,
     }.get(case, ("../out", ["--overwrite"]))
     source_argument = "../nope" if case == "missing-source" else "../src"
     before = tree(tmp_path)
-    result = subprocess.run(
-        [HF_FAM, "convert", source_argument, output, "--block-size", "8", "--fam-length", "2", *extra],
-        capture_output=True, text=True, env=OFFLINE_ENV, cwd=cwd, timeout=600,
-    )
+    result = hf_fam_cli("convert", source_argument, output, "--block-size", 8, "--fam-length", 2, *extra, cwd=cwd)
     assert_clean_error(result)
     assert len(error_lines(result)) == 1 and "unexpected" not in result.stderr, result.stderr[-2000:]
     assert tree(tmp_path) == before
