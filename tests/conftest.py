@@ -4,8 +4,19 @@ import importlib.util
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# pytest-xdist's workers share the machine's cores: each worker's torch, and every process it starts (the CLI's, the
+# DDP workers), gets its share of them. With two OpenMP threads per worker on two cores, each small op's parallel
+# region waited for a thread the other worker had taken, and tiny-model tests ran up to 5x slower side by side.
+WORKER_THREADS = None
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    WORKER_THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(WORKER_THREADS)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if WORKER_THREADS is not None:
+    torch.set_num_threads(WORKER_THREADS)
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
