@@ -25,13 +25,13 @@ import hf_fam.modeling_fam  # noqa: E402,F401
 
 def run_command(request: dict) -> int:
     """In the forked child: `hf-fam ARGV` as the console script runs it, with its exit code."""
-    os.chdir(request["cwd"])
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     sys.stdin = open(0, closefd=False)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
     sys.argv = ["hf-fam", *request["argv"]]
     try:
+        os.chdir(request["cwd"])
         code = hf_fam.cli.main(request["argv"])  # the console script is `sys.exit(main())`
     except SystemExit as exit:
         code = exit.code
