@@ -6,10 +6,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run as run_cli
 from conftest import tiny_base
 from fake_hub import FakeHub
 from huggingface_hub import ModelCard
@@ -18,7 +18,6 @@ import hf_fam
 from hf_fam.hub import write_model_card
 
 
-HF_FAM = str(Path(sys.executable).with_name("hf-fam"))
 TOKEN = "hf_fake_write_token"
 FAM_FILES = {"config.json", "model.safetensors", "modeling_fam.py", "configuration_fam.py", "cache_fam.py", "generation_config.json", "README.md"}
 
@@ -45,7 +44,8 @@ def hub_env(hub: FakeHub, tmp_path: Path, token: str = TOKEN) -> dict:
 
 
 def hf_fam_cli(*args, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([HF_FAM, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    """The console script itself in `env` (never forked: hf_hub reads the endpoint and token variables at import)."""
+    return run_cli(*args, env=env, timeout=timeout, fork=False)
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
