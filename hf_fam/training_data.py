@@ -16,6 +16,7 @@ from the ones before it; 0 on prompts, 1 on answers). On top of that:
 from __future__ import annotations
 
 import glob
+import inspect
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,11 +112,34 @@ def pack_sequences(batch: dict[str, list], seq_length: int, separator_id: int | 
 @dataclass
 class CurriculumStage:
     """Until `until` (a fraction of the data set, i.e. of training) filler lengths are drawn uniformly from
-    [min_filler_tokens, max_filler_tokens]."""
+    [min_filler_tokens, max_filler_tokens].
+
+    Stages with the same `until` are a mixture: each example draws one of them in proportion to `weight`. A stage
+    with `min_depth`/`max_depth` draws the needle's depth uniformly from that range (passkey: 0 = the start of the
+    filler, the farthest from the question) instead of the task's own uniform [0, 1]. With depths uniform, the
+    distance from needle to question is a product of two uniforms, so the longest distances are rare (filler
+    16-1,280: 2.6% of the needles are 1,000 or more tokens back); a mixture with a far stage makes them common."""
 
     until: float
     min_filler_tokens: int
     max_filler_tokens: int
+    min_depth: float | None = None
+    max_depth: float | None = None
+    weight: float = 1.0
+
+    @property
+    def draws_depth(self) -> bool:
+        return self.min_depth is not None or self.max_depth is not None
+
+    @property
+    def depth_range(self) -> tuple[float, float]:
+        return (0.0 if self.min_depth is None else self.min_depth, 1.0 if self.max_depth is None else self.max_depth)
+
+    def describe(self) -> str:
+        text = f"{self.min_filler_tokens}-{self.max_filler_tokens} filler tokens"
+        if self.draws_depth:
+            text += " at depth {:g}-{:g}".format(*self.depth_range)
+        return text
 
 
 class SyntheticTaskDataset(torch.utils.data.Dataset):
@@ -151,15 +175,29 @@ class SyntheticTaskDataset(torch.utils.data.Dataset):
             raise ValueError(f"Unknown synthetic task {task!r}; choose one of {sorted(tasks.TASKS)}.")
         if not curriculum:
             raise ValueError("The curriculum needs at least one stage (until, min_filler_tokens, max_filler_tokens).")
+        options = dict(task_options or {})
         for stage in curriculum:
             if not 0 <= stage.min_filler_tokens <= stage.max_filler_tokens:
                 raise ValueError(f"A curriculum stage needs 0 <= min_filler_tokens <= max_filler_tokens, got {stage}.")
+            if not stage.weight > 0:
+                raise ValueError(f"A curriculum stage's weight must be positive, got {stage}.")
+            if stage.draws_depth:
+                low, high = stage.depth_range
+                if not 0.0 <= low <= high <= 1.0:
+                    raise ValueError(f"A curriculum stage needs 0 <= min_depth <= max_depth <= 1, got {stage}.")
+                if "depth" not in inspect.signature(tasks.TASKS[task]).parameters:
+                    raise ValueError(f"min_depth/max_depth place a needle; the {task} task has none (passkey has).")
+                if "depth" in options:
+                    raise ValueError(
+                        "task_options.depth fixes the needle's depth for every example; drop it to let curriculum "
+                        "stages draw depths (min_depth/max_depth)."
+                    )
         self.tokenizer = tokenizer
         self.task = task
         self.num_examples = num_examples
         self.curriculum = sorted(curriculum, key=lambda s: s.until)
         self.seed = seed
-        self.task_options = dict(task_options or {})
+        self.task_options = options
         self.repeat_segment_length = repeat_segment_length
         self.repeat_segment_weight = repeat_segment_weight
         self.repeat_prompt_ids = tokenizer(" " + REPEAT_SEGMENT_PROMPT, add_special_tokens=False)["input_ids"]
@@ -168,14 +206,23 @@ class SyntheticTaskDataset(torch.utils.data.Dataset):
         return self.num_examples
 
     def stage(self, index: int) -> CurriculumStage:
+        """The stage example `index` is drawn from: the first whose `until` is past the example's place in training,
+        or, among stages sharing that `until`, one drawn by weight (seeded by the example, so always the same)."""
         progress = index / max(1, self.num_examples)
-        return next((s for s in self.curriculum if progress < s.until), self.curriculum[-1])
+        until = next((s.until for s in self.curriculum if progress < s.until), self.curriculum[-1].until)
+        stages = [s for s in self.curriculum if s.until == until]
+        if len(stages) == 1:
+            return stages[0]
+        return random.Random(f"{self.seed}:{index}:stage").choices(stages, weights=[s.weight for s in stages])[0]
 
     def example(self, index: int) -> tasks.TaskExample:
         rng = random.Random(f"{self.seed}:{index}")
         stage = self.stage(index)
         filler = rng.randint(stage.min_filler_tokens, stage.max_filler_tokens)
-        return tasks.make_example(self.task, self.tokenizer, rng, filler, **self.task_options)
+        options = self.task_options
+        if stage.draws_depth:
+            options = {**options, "depth": random.Random(f"{self.seed}:{index}:depth").uniform(*stage.depth_range)}
+        return tasks.make_example(self.task, self.tokenizer, rng, filler, **options)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_examples:

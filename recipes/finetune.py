@@ -111,16 +111,25 @@ def build_dataset(data_config: dict, tokenizer, args: FamTrainingArguments):
         if args.max_steps is None or args.max_steps <= 0:
             raise ConfigError("Synthetic tasks are generated for max_steps steps: set trainer.max_steps (e.g. max_steps=1000).")
         task = data_config.pop("task", "passkey")
-        stages = [CurriculumStage(**stage) for stage in data_config.pop("curriculum")]
+        try:
+            stages = [CurriculumStage(**stage) for stage in data_config.pop("curriculum")]
+        except TypeError as error:
+            fields = ", ".join(f.name for f in dataclasses.fields(CurriculumStage))
+            raise ConfigError(f"A data.curriculum stage takes {fields}: {error}") from None
         options = data_config.pop("task_options", None) or {}
         if data_config:
             raise ConfigError(f"Unknown data key(s) for synthetic data: {sorted(data_config)}.")
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        dataset = SyntheticTaskDataset(
-            tokenizer, task, args.max_steps * global_batch, stages, seed=args.data_seed or args.seed,
-            task_options=options, **repeat,
-        )
-        curriculum = ", ".join(f"{s.min_filler_tokens}-{s.max_filler_tokens} filler tokens until {s.until:g}" for s in stages)
+        try:
+            dataset = SyntheticTaskDataset(
+                tokenizer, task, args.max_steps * global_batch, stages, seed=args.data_seed or args.seed,
+                task_options=options, **repeat,
+            )
+        except ValueError as error:
+            raise ConfigError(f"data: {error}") from None
+        totals = {s.until: sum(t.weight for t in stages if t.until == s.until) for s in stages}
+        shares = [f" ({s.weight / totals[s.until]:.0%})" if s.weight != totals[s.until] else "" for s in stages]
+        curriculum = ", ".join(f"{s.describe()}{share} until {s.until:g}" for s, share in zip(stages, shares))
         return dataset, f"synthetic {task} task ({curriculum}), {json.dumps(options)}"
     if source not in ("files", "hub"):
         raise ConfigError(f"data.source must be synthetic, files or hub, got {source!r}.")

@@ -637,6 +637,24 @@ def test_overrides_find_their_key_or_say_which_keys_exist():
         apply_override(config, "max_steps=2")
 
 
+def test_a_synthetic_curriculum_mixture_is_described_and_bad_stages_are_config_errors(tmp_path):
+    recipe = recipe_module()
+    tokenizer = build_tiny_tokenizer()
+    args = FamTrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=2, use_cpu=True)
+    stages = [
+        {"until": 1.0, "min_filler_tokens": 16, "max_filler_tokens": 1280},
+        {"until": 1.0, "min_filler_tokens": 896, "max_filler_tokens": 1280, "max_depth": 0.15},
+    ]
+    dataset, description = recipe.build_dataset({"task": "passkey", "curriculum": stages}, tokenizer, args)
+    assert len(dataset) == 20
+    assert "16-1280 filler tokens (50%) until 1, 896-1280 filler tokens at depth 0-0.15 (50%) until 1" in description
+    fields = "until, min_filler_tokens, max_filler_tokens, min_depth, max_depth, weight"
+    with pytest.raises(ConfigError, match=f"stage takes {fields}"):
+        recipe.build_dataset({"curriculum": [{**stages[0], "depth": 0.1}]}, tokenizer, args)
+    with pytest.raises(ConfigError, match="data: .*min_depth <= max_depth"):
+        recipe.build_dataset({"curriculum": [{**stages[1], "min_depth": 0.5}]}, tokenizer, args)
+
+
 def test_a_converted_fam_folder_loads_for_training_with_its_settings_overridable(tiny_model_dir, tmp_path):
     from hf_fam.training import is_fam_checkpoint
 

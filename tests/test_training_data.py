@@ -137,3 +137,42 @@ def test_synthetic_task_dataset_follows_its_curriculum_deterministically(tiny_to
         SyntheticTaskDataset(tiny_tokenizer, "nope", 4, stages)
     with pytest.raises(IndexError):
         data[40]
+
+
+def test_curriculum_stages_sharing_until_are_a_weighted_mixture_with_their_own_needle_depths(tiny_tokenizer):
+    """The far stage's needles sit at depth 0-0.1 of a long filler; the other stage keeps the task's own depths; a
+    stage is drawn per example by weight, the same every time; later stages are untouched by the mixture."""
+    near = CurriculumStage(0.5, 0, 40)
+    far = CurriculumStage(0.5, 200, 300, min_depth=0.0, max_depth=0.1, weight=3.0)
+    last = CurriculumStage(1.0, 0, 10)
+    data = SyntheticTaskDataset(tiny_tokenizer, "passkey", 400, [near, far, last], seed=1, repeat_segment_length=0)
+    drawn = [data.stage(i) for i in range(200)]
+    assert set(map(id, drawn)) == {id(near), id(far)} and 0.65 < drawn.count(far) / 200 < 0.85
+    assert all(data.stage(i) is last for i in range(200, 400))
+    for i in range(0, 200, 7):
+        info = data.example(i).info
+        if drawn[i] is far:
+            assert 200 <= info["filler_tokens"] <= 300 and info["depth"] <= 0.1
+        else:
+            assert info["filler_tokens"] <= 40
+    assert max(data.example(i).info["depth"] for i in range(200) if drawn[i] is near) > 0.5  # uniform [0, 1] there
+    again = SyntheticTaskDataset(tiny_tokenizer, "passkey", 400, [near, far, last], seed=1, repeat_segment_length=0)
+    assert [again.stage(i) is far for i in range(200)] == [d is far for d in drawn] and again[13] == data[13]
+    # a single stage draws exactly what it drew before stages had depths and weights (resumed runs see the same data)
+    plain = SyntheticTaskDataset(tiny_tokenizer, "passkey", 40, [CurriculumStage(1.0, 0, 50)], seed=2)
+    rng = random.Random("2:5")
+    filler = rng.randint(0, 50)
+    from hf_fam.tasks import passkey_example
+
+    assert plain.example(5).input_ids == passkey_example(tiny_tokenizer, rng, filler).input_ids
+
+    with pytest.raises(ValueError, match="min_depth <= max_depth"):
+        SyntheticTaskDataset(tiny_tokenizer, "passkey", 4, [CurriculumStage(1.0, 0, 4, min_depth=0.5, max_depth=0.2)])
+    with pytest.raises(ValueError, match="weight must be positive"):
+        SyntheticTaskDataset(tiny_tokenizer, "passkey", 4, [CurriculumStage(1.0, 0, 4, weight=0)])
+    with pytest.raises(ValueError, match="the key_value task has none"):
+        SyntheticTaskDataset(tiny_tokenizer, "key_value", 4, [CurriculumStage(1.0, 0, 4, max_depth=0.2)])
+    with pytest.raises(ValueError, match="drop it"):
+        SyntheticTaskDataset(
+            tiny_tokenizer, "passkey", 4, [CurriculumStage(1.0, 0, 4, max_depth=0.2)], task_options={"depth": 0.5}
+        )
