@@ -1,6 +1,6 @@
-"""The README's links lead somewhere: in-page links to one of its headings (GitHub's anchors), relative links to files
-of the repository. Headings carry numbers that change with results, and a link written for an older heading breaks
-without a word."""
+"""The README's links lead somewhere: in-page links to one of its headings (GitHub's anchors) or `<a id>` anchors,
+relative links to files of the repository. Headings carry numbers that change with results, and a link written for
+an older heading breaks without a word."""
 
 import re
 from pathlib import Path
@@ -24,6 +24,7 @@ def test_readme_links_point_at_its_headings_and_files():
     text = (ROOT / "README.md").read_text()
     prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # code blocks hold no links, but may hold '#' lines
     anchors = {github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", prose, re.M)}
+    anchors |= set(re.findall(r'<a id="([^"]+)"></a>', prose))  # anchors placed by hand
     links = re.findall(r"\]\(([^)\s]+)\)", prose)
     assert links, "no links found: the pattern no longer matches the README"
     broken = []
