@@ -125,7 +125,7 @@ def build_dataset(data_config: dict, tokenizer, args: FamTrainingArguments):
                 tokenizer, task, args.max_steps * global_batch, stages, seed=args.data_seed or args.seed,
                 task_options=options, **repeat,
             )
-        except ValueError as error:
+        except (TypeError, ValueError) as error:  # TypeError: a stage value of the wrong type ('0.5' for 0.5)
             raise ConfigError(f"data: {error}") from None
         totals = {s.until: sum(t.weight for t in stages if t.until == s.until) for s in stages}
         shares = [f" ({s.weight / totals[s.until]:.0%})" if s.weight != totals[s.until] else "" for s in stages]

@@ -653,6 +653,8 @@ def test_a_synthetic_curriculum_mixture_is_described_and_bad_stages_are_config_e
         recipe.build_dataset({"curriculum": [{**stages[0], "depth": 0.1}]}, tokenizer, args)
     with pytest.raises(ConfigError, match="data: .*min_depth <= max_depth"):
         recipe.build_dataset({"curriculum": [{**stages[1], "min_depth": 0.5}]}, tokenizer, args)
+    with pytest.raises(ConfigError, match="data: .*not supported"):
+        recipe.build_dataset({"curriculum": [{**stages[0], "weight": "2"}]}, tokenizer, args)
 
 
 def test_a_converted_fam_folder_loads_for_training_with_its_settings_overridable(tiny_model_dir, tmp_path):
