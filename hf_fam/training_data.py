@@ -196,6 +196,9 @@ class SyntheticTaskDataset(torch.utils.data.Dataset):
         self.task = task
         self.num_examples = num_examples
         self.curriculum = sorted(curriculum, key=lambda s: s.until)
+        self.mixtures: dict[float, list[CurriculumStage]] = {}  # until -> the stages sharing it, in order
+        for stage in self.curriculum:
+            self.mixtures.setdefault(stage.until, []).append(stage)
         self.seed = seed
         self.task_options = options
         self.repeat_segment_length = repeat_segment_length
@@ -209,11 +212,21 @@ class SyntheticTaskDataset(torch.utils.data.Dataset):
         """The stage example `index` is drawn from: the first whose `until` is past the example's place in training,
         or, among stages sharing that `until`, one drawn by weight (seeded by the example, so always the same)."""
         progress = index / max(1, self.num_examples)
-        until = next((s.until for s in self.curriculum if progress < s.until), self.curriculum[-1].until)
-        stages = [s for s in self.curriculum if s.until == until]
+        until = next((until for until in self.mixtures if progress < until), self.curriculum[-1].until)
+        stages = self.mixtures[until]
         if len(stages) == 1:
             return stages[0]
         return random.Random(f"{self.seed}:{index}:stage").choices(stages, weights=[s.weight for s in stages])[0]
+
+    def describe_curriculum(self) -> str:
+        """One line for the model card: each stage's draw, its share of a mixture, and until when it runs."""
+        parts = []
+        for until, stages in self.mixtures.items():
+            total = sum(s.weight for s in stages)
+            for s in stages:
+                share = f" ({s.weight / total:.0%})" if len(stages) > 1 else ""
+                parts.append(f"{s.describe()}{share} until {until:g}")
+        return ", ".join(parts)
 
     def example(self, index: int) -> tasks.TaskExample:
         rng = random.Random(f"{self.seed}:{index}")

@@ -127,10 +127,7 @@ def build_dataset(data_config: dict, tokenizer, args: FamTrainingArguments):
             )
         except (TypeError, ValueError) as error:  # TypeError: a stage value of the wrong type ('0.5' for 0.5)
             raise ConfigError(f"data: {error}") from None
-        totals = {s.until: sum(t.weight for t in stages if t.until == s.until) for s in stages}
-        shares = [f" ({s.weight / totals[s.until]:.0%})" if s.weight != totals[s.until] else "" for s in stages]
-        curriculum = ", ".join(f"{s.describe()}{share} until {s.until:g}" for s, share in zip(stages, shares))
-        return dataset, f"synthetic {task} task ({curriculum}), {json.dumps(options)}"
+        return dataset, f"synthetic {task} task ({dataset.describe_curriculum()}), {json.dumps(options)}"
     if source not in ("files", "hub"):
         raise ConfigError(f"data.source must be synthetic, files or hub, got {source!r}.")
     if source == "files" and not data_config.get("data_files"):
