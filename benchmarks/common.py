@@ -154,4 +154,12 @@ def machine() -> str:
 
     import torch
 
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    capability = torch.backends.cpu.get_cpu_capability()  # the vector instructions torch's kernels use: AVX2, AVX512, ...
+    try:
+        capability += " + AMX" if torch.cpu._is_amx_tile_supported() else ""
+    except AttributeError:
+        pass
+    return (
+        f"{platform.machine()} ({capability}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )

@@ -9,7 +9,9 @@ each operator's self CPU time is summed over the rounds. The table lists the ope
 spends in them than BSWA, with the share of the total difference. The extra rows are the floor: the F FAM rows add
 F/B to every matmul's rows and ~(1 + F/B)(1 + F/W) - 1 to attention (W = (M+1)B keys). It also times torch's
 sdpa kernel alone on the shapes of a full segment (as one call, and as hf_fam's two calls), which is where the cost
-above the floor turned out to be.
+above the floor turned out to be, and one decoder layer's kernels alone (its linear layers over the call's rows, then
+sdpa as hf_fam calls it): the ratio this CPU's kernels set for a full segment before any of hf_fam's own work
+(`--kernels-only` times just these, in seconds).
 Results go to benchmarks/results/forward_profile.{json,csv}.
 """
 
@@ -78,17 +80,104 @@ def attention_kernel(B: int, M: int, F: int, threads: int, reps: int = 21) -> di
     return {"threads": threads, "shapes": shapes, "median_ratio_to_bswa": ratios}
 
 
+# SmolLM2-135M's decoder layer: hidden 576, 9 query heads and 3 key/value heads of 64, MLP 1536.
+SMOLLM2_LINEARS = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+
+
+def layer_kernels(B: int, M: int, F: int, threads: int, reps: int = 21) -> dict:
+    """One decoder layer's kernels alone on a full segment of SmolLM2's shapes: its seven linear layers over the call's
+    rows (B for BSWA, B + F for FAM), then sdpa (BSWA: B queries over (M+1)B keys; FAM: hf_fam's two calls),
+    interleaved; the median FAM / BSWA time ratio of the linear layers, of sdpa and of both. The rows' count alone
+    gives 1 + F/B for the linear layers: how far a CPU's matmul kernels are from proportional to rows is a cost of
+    the hardware, not of hf_fam's code."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as functional
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out, inp, generator=generator) / inp**0.5 for inp, out in SMOLLM2_LINEARS]
+    W = (M + 1) * B
+    sdpa_shapes = {"bswa": [(B, W)], "fam": [(F, F + B), (B, F + W)]}
+    inputs = {}
+    for name, rows in (("bswa", B), ("fam", B + F)):
+        x = {inp: torch.randn(rows, inp, generator=generator) for inp in {inp for inp, _ in SMOLLM2_LINEARS}}
+        attention = [
+            [torch.randn(1, 9, n, 64, generator=generator) for n in (q, k, k)] + [torch.zeros(1, 1, q, k)]
+            for q, k in sdpa_shapes[name]
+        ]
+        inputs[name] = (x, attention)
+
+    def timed(name):
+        x, attention = inputs[name]
+        start = time.perf_counter()
+        for weight in weights:
+            functional.linear(x[weight.shape[1]], weight)
+        middle = time.perf_counter()
+        for q, k, v, mask in attention:
+            functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        end = time.perf_counter()
+        return middle - start, end - middle
+
+    for name in inputs:
+        timed(name)
+    times = {name: [] for name in inputs}
+    for _ in range(reps):
+        for name in inputs:
+            times[name].append(timed(name))
+
+    def ratio(part):
+        return statistics.median(part(f) / part(b) for f, b in zip(times["fam"], times["bswa"]))
+
+    return {
+        "threads": threads,
+        "rows": {"bswa": B, "fam": B + F},
+        "sdpa_shapes": sdpa_shapes,
+        "median_ratio_fam_over_bswa": {
+            "linear": ratio(lambda t: t[0]),
+            "sdpa": ratio(lambda t: t[1]),
+            "layer": ratio(lambda t: t[0] + t[1]),
+        },
+        "linear_rows_ratio": (B + F) / B,
+        "median_layer_s": {name: statistics.median(a + b for a, b in t) for name, t in times.items()},
+    }
+
+
+def print_layer_kernels(kernels: dict) -> None:
+    ratios = kernels["median_ratio_fam_over_bswa"]
+    print(
+        f"one layer's kernels alone ({kernels['threads']} thread(s), median of interleaved calls), FAM / BSWA: "
+        f"linear layers {ratios['linear']:.3f} (rows {kernels['linear_rows_ratio']:.4f}), sdpa {ratios['sdpa']:.3f}, "
+        f"layer {ratios['layer']:.3f}"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts, one profile each")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument(
+        "--kernels-only",
+        action="store_true",
+        help="time one decoder layer's kernels alone (no model, no profiler; seconds) and write forward_kernels.json",
+    )
     args = parser.parse_args()
 
     import torch
 
     B, M, F = PAPER_SETTINGS["block_size"], PAPER_SETTINGS["memory_segments"], PAPER_SETTINGS["fam_length"]
+    if args.kernels_only:
+        runs = [layer_kernels(B, M, F, threads, reps=41) for threads in args.threads]
+        for kernels in runs:
+            print_layer_kernels(kernels)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        summary = {"settings": PAPER_SETTINGS, "machine": machine(), "runs": runs}
+        (RESULTS / "forward_kernels.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"Wrote {RESULTS / 'forward_kernels.json'}")
+        return
     floor_rows, floor_attention = F / B, (1 + F / B) * (1 + F / ((M + 1) * B)) - 1
     bswa = load_model("bswa")
     fam = load_model("fam")
@@ -97,6 +186,7 @@ def main():
     all_rows = []
     for threads in args.threads:
         kernel = attention_kernel(B, M, F, threads)
+        kernels = layer_kernels(B, M, F, threads)
         torch.set_num_threads(threads)
         with torch.no_grad():
             for model in (bswa, fam):
@@ -135,6 +225,7 @@ def main():
         print("sdpa alone, median of 21 interleaved calls, FAM / BSWA shapes: " + ", ".join(
             f"{name} {' + '.join(map(str, kernel['shapes'][name]))} {ratio:.3f}" for name, ratio in kernel["median_ratio_to_bswa"].items()
         ))
+        print_layer_kernels(kernels)
         print(f"{'operator':44s} {'BSWA s':>8s} {'FAM s':>8s} {'extra s':>8s} {'ratio':>6s} {'share':>6s} {'calls B/F':>12s}")
         for row in rows[: args.top]:
             ratio = "" if row["fam_over_bswa"] is None else f"{row['fam_over_bswa']:.2f}"
@@ -152,6 +243,7 @@ def main():
                 "profiled_self_cpu_s_per_pass": {k: v / args.rounds for k, v in total.items()},
                 "fam_over_bswa_profiled": total["fam"] / total["bswa"],
                 "attention_kernel": kernel,
+                "layer_kernels": kernels,
             }
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
