@@ -163,3 +163,76 @@ def machine() -> str:
         f"{platform.machine()} ({capability}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
+
+
+# SmolLM2-135M's decoder layer: hidden 576, 9 query heads and 3 key/value heads of 64, MLP 1536.
+SMOLLM2_LINEARS = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+
+
+def layer_kernels(B: int, M: int, F: int, threads: int, reps: int = 21) -> dict:
+    """One decoder layer's kernels alone on a full segment of SmolLM2's shapes: its seven linear layers over the call's
+    rows (B for BSWA, B + F for FAM), then sdpa (BSWA: B queries over (M+1)B keys; FAM: hf_fam's two calls),
+    interleaved; the median FAM / BSWA time ratio of the linear layers, of sdpa and of both. The rows' count alone
+    gives 1 + F/B for the linear layers: how far a CPU's matmul kernels are from proportional to rows is a cost of
+    the hardware, not of hf_fam's code."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as functional
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out, inp, generator=generator) / inp**0.5 for inp, out in SMOLLM2_LINEARS]
+    W = (M + 1) * B
+    sdpa_shapes = {"bswa": [(B, W)], "fam": [(F, F + B), (B, F + W)]}
+    inputs = {}
+    for name, rows in (("bswa", B), ("fam", B + F)):
+        x = {inp: torch.randn(rows, inp, generator=generator) for inp in {inp for inp, _ in SMOLLM2_LINEARS}}
+        attention = [
+            [torch.randn(1, 9, n, 64, generator=generator) for n in (q, k, k)] + [torch.zeros(1, 1, q, k)]
+            for q, k in sdpa_shapes[name]
+        ]
+        inputs[name] = (x, attention)
+
+    def timed(name):
+        x, attention = inputs[name]
+        start = time.perf_counter()
+        for weight in weights:
+            functional.linear(x[weight.shape[1]], weight)
+        middle = time.perf_counter()
+        for q, k, v, mask in attention:
+            functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        end = time.perf_counter()
+        return middle - start, end - middle
+
+    for name in inputs:
+        timed(name)
+    times = {name: [] for name in inputs}
+    for _ in range(reps):
+        for name in inputs:
+            times[name].append(timed(name))
+
+    def ratio(part):
+        return statistics.median(part(f) / part(b) for f, b in zip(times["fam"], times["bswa"]))
+
+    return {
+        "threads": threads,
+        "rows": {"bswa": B, "fam": B + F},
+        "sdpa_shapes": sdpa_shapes,
+        "median_ratio_fam_over_bswa": {
+            "linear": ratio(lambda t: t[0]),
+            "sdpa": ratio(lambda t: t[1]),
+            "layer": ratio(lambda t: t[0] + t[1]),
+        },
+        "linear_rows_ratio": (B + F) / B,
+        "median_layer_s": {name: statistics.median(a + b for a, b in t) for name, t in times.items()},
+    }
+
+
+def print_layer_kernels(kernels: dict) -> None:
+    ratios = kernels["median_ratio_fam_over_bswa"]
+    print(
+        f"one layer's kernels alone ({kernels['threads']} thread(s), median of interleaved calls), FAM / BSWA: "
+        f"linear layers {ratios['linear']:.3f} (rows {kernels['linear_rows_ratio']:.4f}), sdpa {ratios['sdpa']:.3f}, "
+        f"layer {ratios['layer']:.3f}"
+    )

@@ -8,7 +8,9 @@ Time: one process per length holds the three models (BSWA and FAM are conversion
 weights) and times one pass of each in turn, --rounds times (base, BSWA, FAM, base, BSWA, FAM, ...), after a
 warm-up; the reported time is the median, so drift of the machine's speed hits every mode alike. Also reported: the
 median of the per-round FAM/BSWA ratios, of the process's CPU time, and the ratio of multiply-adds as the kernels run
-them (`multiply_adds`: the floor set by the rules themselves). Memory: every mode
+them (`multiply_adds`: the floor set by the rules themselves), and what one full segment's layer kernels cost alone
+on this CPU (`common.layer_kernels`: matmul and attention kernels are not proportional to rows on every CPU, and
+this is the part of the cost above the floor that no code of hf_fam's sets). Memory: every mode
 runs one more pass in a fresh process of its own, with glibc's allocator pinned (`common.PINNED_ALLOCATOR`), whose
 peak resident memory above the loaded model is the kernel's high-water mark (`common.PeakMemory`). Logits are kept
 for the last position only (logits_to_keep=1) so the 49k-entry vocabulary head does not dominate. "BSWA" is the
@@ -23,7 +25,17 @@ import statistics
 import time
 from pathlib import Path
 
-from common import PAPER_SETTINGS, PINNED_ALLOCATOR, RESULTS, PeakMemory, load_model, machine, run_child, write_csv
+from common import (
+    PAPER_SETTINGS,
+    PINNED_ALLOCATOR,
+    RESULTS,
+    PeakMemory,
+    layer_kernels,
+    load_model,
+    machine,
+    run_child,
+    write_csv,
+)
 
 
 MODES = ("base", "bswa", "fam")
@@ -84,7 +96,16 @@ def time_child(length: int, rounds: int, modes: tuple[str, ...]) -> dict:
                 seconds[mode].append(time.perf_counter() - start)
                 cpu_seconds[mode].append(time.process_time() - cpu_start)
     floor = multiply_adds(base, length, **PAPER_SETTINGS) / multiply_adds(base, length, **dict(PAPER_SETTINGS, fam_length=0))
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "fam_over_bswa_multiply_adds": floor}
+    # What this CPU's kernels alone charge for a full segment's extra rows (no hf_fam code): next to the whole pass's
+    # ratio, it tells the hardware's share of the cost above the multiply-add floor from hf_fam's.
+    B, M, F = (PAPER_SETTINGS[key] for key in ("block_size", "memory_segments", "fam_length"))
+    kernels = layer_kernels(B, M, F, torch.get_num_threads(), reps=41)
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "fam_over_bswa_multiply_adds": floor,
+        "fam_over_bswa_layer_kernels": kernels["median_ratio_fam_over_bswa"],
+    }
 
 
 def memory_child(mode: str, length: int) -> float:
@@ -154,6 +175,7 @@ def main():
             "fam_over_bswa_time_median_of_rounds": statistics.median(per_round),
             "fam_over_bswa_cpu_time_median_of_rounds": statistics.median(cpu_per_round),
             "fam_over_bswa_multiply_adds": timed["fam_over_bswa_multiply_adds"],
+            "fam_over_bswa_layer_kernels": timed["fam_over_bswa_layer_kernels"],
             "fam_over_base_time": fam["seconds"] / base["seconds"] if base else None,
             "fam_over_bswa_memory": fam["peak_added_mib"] / bswa["peak_added_mib"],
             "fam_over_base_memory": fam["peak_added_mib"] / base["peak_added_mib"] if base else None,
@@ -174,6 +196,12 @@ def main():
             f"{number(r['fam_over_base_time'], 14)} {r['fam_over_bswa_memory']:13.3f} {number(r['fam_over_base_memory'], 13)}   "
             f"(FAM/BSWA per round: {', '.join(f'{x:.3f}' for x in r['fam_over_bswa_time_per_round'])})"
         )
+        kernels = r.get("fam_over_bswa_layer_kernels")
+        if kernels and r["tokens"] in args.lengths:
+            print(
+                f"{'':7} one full segment's layer kernels alone (this CPU, no hf_fam code), FAM/BSWA: linear layers "
+                f"{kernels['linear']:.3f}, sdpa {kernels['sdpa']:.3f}, layer {kernels['layer']:.3f}"
+            )
     # Lengths this run did not measure keep their earlier rows (the README quotes each length's latest run).
     rows += [row for row in earlier["runs"] if row["tokens"] not in args.lengths]
     summary += [ratio for ratio in earlier["ratios"] if ratio["tokens"] not in args.lengths]
