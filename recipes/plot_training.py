@@ -80,12 +80,13 @@ def main(argv: list[str] | None = None) -> int:
 
     panels = [(key, title) for key, title in PANELS if any(key in row for rows in curves.values() for row in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes[0], panels):
-        for label, rows in curves.items():
+        for index, (label, rows) in enumerate(curves.items()):
             points = [(row["step"], row[key]) for row in rows if key in row]
-            if points:
+            if points:  # a run that did not log this quantity (a BSWA run has no gates) keeps its colour elsewhere
                 steps, values = zip(*points)
-                ax.plot(steps, smooth(list(values), args.smooth), label=label)
+                ax.plot(steps, smooth(list(values), args.smooth), label=label, color=colors[index % len(colors)])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
