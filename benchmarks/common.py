@@ -169,6 +169,14 @@ def machine() -> str:
 SMOLLM2_LINEARS = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 
 
+def sdpa_inputs(queries: int, keys: int, generator) -> list:
+    """Random (q, k, v, float mask) for one sdpa call of SmolLM2's attention (9 heads of 64, keys and values
+    repeated to the query heads, as the model passes them) with `queries` query rows over `keys` keys."""
+    import torch
+
+    return [torch.randn(1, 9, n, 64, generator=generator) for n in (queries, keys, keys)] + [torch.zeros(1, 1, queries, keys)]
+
+
 def layer_kernels(B: int, M: int, F: int, threads: int, reps: int = 21) -> dict:
     """One decoder layer's kernels alone on a full segment of SmolLM2's shapes: its seven linear layers over the call's
     rows (B for BSWA, B + F for FAM), then sdpa (BSWA: B queries over (M+1)B keys; FAM: hf_fam's two calls),
@@ -188,10 +196,7 @@ def layer_kernels(B: int, M: int, F: int, threads: int, reps: int = 21) -> dict:
     inputs = {}
     for name, rows in (("bswa", B), ("fam", B + F)):
         x = {inp: torch.randn(rows, inp, generator=generator) for inp in {inp for inp, _ in SMOLLM2_LINEARS}}
-        attention = [
-            [torch.randn(1, 9, n, 64, generator=generator) for n in (q, k, k)] + [torch.zeros(1, 1, q, k)]
-            for q, k in sdpa_shapes[name]
-        ]
+        attention = [sdpa_inputs(q, k, generator) for q, k in sdpa_shapes[name]]
         inputs[name] = (x, attention)
 
     def timed(name):

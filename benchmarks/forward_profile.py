@@ -22,7 +22,16 @@ import json
 import time
 from collections import defaultdict
 
-from common import PAPER_SETTINGS, RESULTS, layer_kernels, load_model, machine, print_layer_kernels, write_csv
+from common import (
+    PAPER_SETTINGS,
+    RESULTS,
+    layer_kernels,
+    load_model,
+    machine,
+    print_layer_kernels,
+    sdpa_inputs,
+    write_csv,
+)
 
 
 def profile(model, ids, rounds_out: dict, key: str) -> None:
@@ -51,9 +60,6 @@ def attention_kernel(B: int, M: int, F: int, threads: int, reps: int = 21) -> di
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
 
-    def tensors(q, k):
-        return [torch.randn(1, 9, n, 64, generator=generator) for n in (q, k, k)] + [torch.zeros(1, 1, q, k)]
-
     def timed(args):
         start = time.perf_counter()
         for call in args:
@@ -67,7 +73,7 @@ def attention_kernel(B: int, M: int, F: int, threads: int, reps: int = 21) -> di
         "fam": [(B + F, F + W)],
         "fam_two_calls": [(F, F + B), (B, F + W)],  # hf_fam's two sdpa calls
     }
-    inputs = {name: [tensors(*shape) for shape in calls] for name, calls in shapes.items()}
+    inputs = {name: [sdpa_inputs(*shape, generator) for shape in calls] for name, calls in shapes.items()}
     for args in inputs.values():
         timed(args)
     times = {name: [] for name in shapes}
@@ -92,6 +98,8 @@ def main():
         help="time one decoder layer's kernels alone (no model, no profiler; seconds) and write forward_kernels.json",
     )
     args = parser.parse_args()
+    if min(args.threads) < 1 or args.rounds < 1:
+        parser.error("--threads and --rounds take counts of 1 or more")
 
     import torch
 
