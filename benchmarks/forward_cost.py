@@ -3,6 +3,7 @@
     python benchmarks/forward_cost.py            # both lengths, then the table, ratios, CSV, JSON and plot
     python benchmarks/forward_cost.py --lengths 8192 --rounds 5   # the other lengths keep their earlier results
     python benchmarks/forward_cost.py --lengths 8192 --rounds 15 --skip-base   # FAM/BSWA only, more rounds
+    python benchmarks/forward_cost.py --unit segment --lengths 8192 --rounds 30   # FAM/BSWA, interleaved per segment
 
 Time: one process per length holds the three models (BSWA and FAM are conversions sharing the base model's
 weights) and times one pass of each in turn, --rounds times (base, BSWA, FAM, base, BSWA, FAM, ...), after a
@@ -15,6 +16,14 @@ runs one more pass in a fresh process of its own, with glibc's allocator pinned 
 peak resident memory above the loaded model is the kernel's high-water mark (`common.PeakMemory`). Logits are kept
 for the last position only (logits_to_keep=1) so the 49k-entry vocabulary head does not dominate. "BSWA" is the
 same hf_fam code path with fam_length=0.
+
+--unit segment times the FAM/BSWA ratio only, with a finer interleaving: each round feeds the same input to both
+models one block-sized segment per call (each model continuing its own cache: the same computation as one pass, which
+streaming equals), alternating BSWA and FAM segment by segment (which of the two goes first alternates too). A
+machine whose speed drifts over seconds then charges the drift to both models alike, where whole passes of ~20 s each
+do not cancel it. Reported: per round, the ratio of the two passes' summed segment times; their median over the
+rounds, with a bootstrap 95% interval of that median; the median of every per-segment pair's ratio; and the median
+pair ratio per segment index (segment 0 has no memory yet). Writes forward_cost_segments.{csv,json,png}.
 """
 
 from __future__ import annotations
@@ -53,22 +62,28 @@ def multiply_adds(base, length: int, block_size: int, memory_segments: int, fam_
     FAM prompt's own pass), and attention as dense over the keys of the call's cache span (sdpa with a mask computes
     masked pairs too): block queries over F + min(t, M) B + B keys, FAM queries over their own F + B (the two-call
     sdpa). The FAM/BSWA ratio of these is the floor no implementation of the rules gets under."""
+    return sum(segment_multiply_adds(base, length, block_size, memory_segments, fam_length))
+
+
+def segment_multiply_adds(base, length: int, block_size: int, memory_segments: int, fam_length: int) -> list[int]:
+    """`multiply_adds` of each block segment of the pass (the FAM prompt's pass counted in the first)."""
     layer = base.model.layers[0]
     linear = sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, __import__("torch").nn.Linear))
     config = base.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_pair = 2 * config.num_attention_heads * head_dim  # q.k and the weighted sum of v
     B, M, F = block_size, memory_segments, fam_length
-    rows = pairs = 0
+    segments = []
     for t, start in enumerate(range(0, length, B)):
         queries = min(B, length - start)
         keys = F + min(t, M) * B + queries
-        rows += queries + F
-        pairs += queries * keys + F * (F + queries)
-    if F:
-        rows += F  # S0: the prompt's pass (F x F attention, negligible)
-        pairs += F * F
-    return config.num_hidden_layers * (rows * linear + pairs * per_pair)
+        rows = queries + F
+        pairs = queries * keys + F * (F + queries)
+        if F and t == 0:
+            rows += F  # S0: the prompt's pass (F x F attention, negligible)
+            pairs += F * F
+        segments.append(config.num_hidden_layers * (rows * linear + pairs * per_pair))
+    return segments
 
 
 def time_child(length: int, rounds: int, modes: tuple[str, ...]) -> dict:
@@ -108,6 +123,120 @@ def time_child(length: int, rounds: int, modes: tuple[str, ...]) -> dict:
     }
 
 
+def segment_child(length: int, rounds: int) -> dict:
+    """Seconds of each segment call, [round][segment], per model, interleaved per segment (see --unit segment)."""
+    import torch
+
+    import hf_fam
+
+    base = load_model("base")
+    models = {
+        "bswa": hf_fam.convert_to_fam(base, **dict(PAPER_SETTINGS, fam_length=0)).eval(),
+        "fam": hf_fam.convert_to_fam(base, **PAPER_SETTINGS, calibration_steps=0).eval(),  # speed only
+    }
+    ids = _inputs(base.config.vocab_size, length)
+    B = PAPER_SETTINGS["block_size"]
+    seconds = {mode: [] for mode in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(ids[:, :256], logits_to_keep=1)  # warm-up
+        for round_index in range(rounds):
+            caches = {mode: None for mode in models}
+            for mode in models:
+                seconds[mode].append([])
+            for index, start in enumerate(range(0, length, B)):
+                order = list(models) if (round_index + index) % 2 == 0 else list(models)[::-1]
+                for mode in order:
+                    begin = time.perf_counter()
+                    output = models[mode](
+                        ids[:, start : start + B], cache=caches[mode], use_cache=True, logits_to_keep=1
+                    )
+                    seconds[mode][-1].append(time.perf_counter() - begin)
+                    caches[mode] = output.past_key_values
+    fam = segment_multiply_adds(base, length, **PAPER_SETTINGS)
+    bswa = segment_multiply_adds(base, length, **dict(PAPER_SETTINGS, fam_length=0))
+    return {
+        "seconds": seconds,
+        "fam_over_bswa_multiply_adds": sum(fam) / sum(bswa),
+        "fam_over_bswa_multiply_adds_by_segment": [f / b for f, b in zip(fam, bswa)],
+    }
+
+
+def bootstrap_median_interval(values: list[float], draws: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of the median of `values` (resampled with replacement, fixed seed)."""
+    import random
+
+    generator = random.Random(seed)
+    medians = sorted(statistics.median(generator.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
+def segment_summary(length: int, seconds: dict) -> dict:
+    bswa, fam = seconds["bswa"], seconds["fam"]
+    per_round = [sum(f) / sum(b) for f, b in zip(fam, bswa)]
+    pairs = [[f / b for f, b in zip(fam_round, bswa_round)] for fam_round, bswa_round in zip(fam, bswa)]
+    low, high = bootstrap_median_interval(per_round)
+    return {
+        "tokens": length,
+        "rounds": len(per_round),
+        "segments": len(bswa[0]),
+        "fam_over_bswa_median_of_rounds": statistics.median(per_round),
+        "fam_over_bswa_median_of_rounds_95_interval": [low, high],
+        "fam_over_bswa_ratio_of_median_pass_times": statistics.median(map(sum, fam)) / statistics.median(map(sum, bswa)),
+        "fam_over_bswa_median_of_segment_pairs": statistics.median(ratio for row in pairs for ratio in row),
+        "fam_over_bswa_median_pair_by_segment": [statistics.median(column) for column in zip(*pairs)],
+        "fam_over_bswa_per_round": per_round,
+        "median_pass_seconds": {"bswa": statistics.median(map(sum, bswa)), "fam": statistics.median(map(sum, fam))},
+    }
+
+
+def run_segments(lengths: list[int], rounds: int) -> None:
+    results_json = RESULTS / "forward_cost_segments.json"
+    earlier = json.loads(results_json.read_text())["ratios"] if results_json.exists() else []
+    summaries, rows = [], []
+    for length in lengths:
+        timed = run_child(Path(__file__), "segments", "bswa,fam", str(length), "--rounds", str(rounds), timeout=6 * 3600)
+        summary = segment_summary(length, timed["seconds"])
+        summary["fam_over_bswa_multiply_adds"] = timed["fam_over_bswa_multiply_adds"]
+        summary["fam_over_bswa_multiply_adds_by_segment"] = timed["fam_over_bswa_multiply_adds_by_segment"]
+        summary["seconds"] = timed["seconds"]
+        summaries.append(summary)
+        low, high = summary["fam_over_bswa_median_of_rounds_95_interval"]
+        print(
+            f"{length} tokens, {rounds} rounds interleaved per segment: FAM/BSWA median of rounds "
+            f"{summary['fam_over_bswa_median_of_rounds']:.3f} (95% interval {low:.3f}-{high:.3f}), ratio of median "
+            f"passes {summary['fam_over_bswa_ratio_of_median_pass_times']:.3f}, median of {rounds * summary['segments']} "
+            f"segment pairs {summary['fam_over_bswa_median_of_segment_pairs']:.3f}, multiply-add floor "
+            f"{summary['fam_over_bswa_multiply_adds']:.3f}",
+            flush=True,
+        )
+        print(
+            "  per segment index (multiply-add floor): "
+            + ", ".join(
+                f"{ratio:.3f} ({floor:.3f})"
+                for ratio, floor in zip(
+                    summary["fam_over_bswa_median_pair_by_segment"], summary["fam_over_bswa_multiply_adds_by_segment"]
+                )
+            )
+            + "\n  per round: "
+            + ", ".join(f"{ratio:.3f}" for ratio in summary["fam_over_bswa_per_round"]),
+            flush=True,
+        )
+    summaries += [summary for summary in earlier if summary["tokens"] not in lengths]  # other lengths keep their run
+    summaries.sort(key=lambda summary: summary["tokens"])
+    for summary in summaries:
+        for round_index, (bswa, fam) in enumerate(zip(summary["seconds"]["bswa"], summary["seconds"]["fam"])):
+            for index, (b, f) in enumerate(zip(bswa, fam)):
+                rows.append({"tokens": summary["tokens"], "round": round_index, "segment": index, "bswa_s": round(b, 4), "fam_s": round(f, 4)})
+    print(f"Machine: {machine()}")
+    write_csv(RESULTS / "forward_cost_segments.csv", rows)
+    results_json.write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "ratios": summaries}, indent=2))
+    from plot_results import plot_forward_cost_segments
+
+    plot_forward_cost_segments()
+    print(f"Wrote {RESULTS / 'forward_cost_segments.csv'}, forward_cost_segments.json and forward_cost_segments.png")
+
+
 def memory_child(mode: str, length: int) -> float:
     import torch
 
@@ -128,13 +257,30 @@ def main():
         "--skip-base", action="store_true",
         help="time BSWA and FAM only (rounds a third shorter, for the FAM/BSWA ratio; the base rows keep their earlier run)",
     )
+    parser.add_argument(
+        "--unit", choices=("pass", "segment"), default="pass",
+        help="what one timed call is: a whole pass (all three modes, and memory) or one segment (FAM/BSWA only, "
+        "interleaved per segment; see above)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1 or min(args.lengths) < 1:
+        parser.error("--rounds and --lengths must be at least 1")
     if args.child:
         kind, mode, length = args.child
         modes = MODES if mode == "all" else tuple(mode.split(","))
-        result = time_child(int(length), args.rounds, modes) if kind == "time" else memory_child(mode, int(length))
+        if kind == "time":
+            result = time_child(int(length), args.rounds, modes)
+        elif kind == "segments":
+            result = segment_child(int(length), args.rounds)
+        else:
+            result = memory_child(mode, int(length))
         print(json.dumps(result))
+        return
+    if args.unit == "segment":
+        if args.skip_base:
+            parser.error("--skip-base is for --unit pass: --unit segment times BSWA and FAM only")
+        run_segments(args.lengths, args.rounds)
         return
 
     modes = MODES[1:] if args.skip_base else MODES

@@ -47,6 +47,47 @@ def plot_forward_cost():
     plt.close(fig)
 
 
+def plot_forward_cost_segments():
+    """Left: each round's FAM/BSWA ratio (passes interleaved per segment), their median, the multiply-add floor and
+    the 1.06 target. Middle: the median pair ratio of each segment index against its own floor. Right: every call's
+    seconds in the order they ran, the machine's drift both modes share."""
+    results = json.loads((RESULTS / "forward_cost_segments.json").read_text())
+    fig, axes = plt.subplots(len(results["ratios"]), 3, figsize=(15, 4 * len(results["ratios"])), squeeze=False)
+    for (left, middle, right), summary in zip(axes, results["ratios"]):
+        per_round = summary["fam_over_bswa_per_round"]
+        median = summary["fam_over_bswa_median_of_rounds"]
+        low, high = summary["fam_over_bswa_median_of_rounds_95_interval"]
+        left.plot(range(1, len(per_round) + 1), per_round, "o", color=COLORS["fam"], label="FAM / BSWA, one round")
+        left.axhspan(low, high, color=COLORS["fam"], alpha=0.15, label=f"median {median:.3f} (95% interval)")
+        left.axhline(median, color=COLORS["fam"])
+        left.axhline(summary["fam_over_bswa_multiply_adds"], color="black", linestyle=":", label="multiply-add floor")
+        left.axhline(1.06, color="black", linestyle="--", label="target 1.06")
+        left.set_xlabel("round (one pass of each model)")
+        left.set_ylabel("FAM / BSWA time")
+        left.set_title(f"{summary['tokens'] // 1024}k tokens, interleaved per segment")
+        left.legend(fontsize=8)
+        by_segment = summary["fam_over_bswa_median_pair_by_segment"]
+        middle.plot(range(len(by_segment)), by_segment, "o-", color=COLORS["fam"], label="median of the pairs")
+        middle.plot(
+            range(len(by_segment)), summary["fam_over_bswa_multiply_adds_by_segment"], "k:", label="multiply-add floor"
+        )
+        middle.axhline(1.06, color="black", linestyle="--", label="target 1.06")
+        middle.set_xlabel("segment of the pass (1,024 tokens each)")
+        middle.set_ylabel("FAM / BSWA time")
+        middle.set_title("By segment (the memory fills over segments 0-3)")
+        middle.legend(fontsize=8)
+        for mode in ("bswa", "fam"):
+            calls = [s for round_ in summary["seconds"][mode] for s in round_]
+            right.plot(range(len(calls)), calls, ".", markersize=3, label=LABELS[mode], color=COLORS[mode])
+        right.set_xlabel("segment pair (in the order run)")
+        right.set_ylabel("seconds")
+        right.set_title("Each segment call")
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "forward_cost_segments.png", dpi=120)
+    plt.close(fig)
+
+
 def _lines(ax, rows, x, y, ylabel, title, modes=("base", "bswa", "fam")):
     for mode in modes:
         points = sorted((int(r[x]), float(r[y])) for r in rows if r["mode"] == mode)
@@ -124,6 +165,7 @@ def plot_train_step():
 
 PLOTS = {
     "forward_cost.csv": plot_forward_cost,
+    "forward_cost_segments.json": plot_forward_cost_segments,
     "stream_memory_curve.csv": plot_stream_memory,
     "decode_speed.csv": plot_decode_speed,
     "train_step.csv": plot_train_step,
