@@ -72,17 +72,17 @@ def segment_multiply_adds(base, length: int, block_size: int, memory_segments: i
     config = base.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_pair = 2 * config.num_attention_heads * head_dim  # q.k and the weighted sum of v
-    B, M, F = block_size, memory_segments, fam_length
+    B, M, F, L = block_size, memory_segments, fam_length, config.num_hidden_layers
     segments = []
     for t, start in enumerate(range(0, length, B)):
         queries = min(B, length - start)
         keys = F + min(t, M) * B + queries
         rows = queries + F
         pairs = queries * keys + F * (F + queries)
-        if F and t == 0:
-            rows += F  # S0: the prompt's pass (F x F attention, negligible)
-            pairs += F * F
-        segments.append(config.num_hidden_layers * (rows * linear + pairs * per_pair))
+        count = L * (rows * linear + pairs * per_pair)
+        if F and t == 0:  # S0: the prompt's pass through layers 0 .. L-2 (the last one's output is nobody's input)
+            count += (L - 1) * (F * linear + F * F * per_pair)
+        segments.append(count)
     return segments
 
 

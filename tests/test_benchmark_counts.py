@@ -1,0 +1,53 @@
+"""The multiply-add floor the forward-cost benchmark reports (`benchmarks/forward_cost.py`: FAM / BSWA can get no
+cheaper than its count) is what the kernels are handed: torch's own count of the work in every decoder layer, taken
+while the model runs one block segment per call, equals the benchmark's formula segment by segment."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import hf_fam
+from conftest import random_ids, tiny_base
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from forward_cost import segment_multiply_adds  # noqa: E402
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """torch's count for its CPU flash-attention kernel, which its table leaves out: 2 flops per multiply-add of q.k
+    and of the weighted sum of v, over every query-key pair the call gets (masked or not)."""
+    batch, heads, queries, head_dim = query_shape
+    keys, value_dim = value_shape[2], value_shape[3]
+    return 2 * batch * heads * queries * keys * (head_dim + value_dim)
+
+
+def _layer_multiply_adds_per_segment(model, ids, block_size: int) -> list[int]:
+    counts, cache = [], None
+    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], block_size):
+            with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+                output = model(ids[:, start : start + block_size], cache=cache, use_cache=True, logits_to_keep=1)
+            cache = output.past_key_values
+            per_module = counter.get_flop_counts()
+            layers = [name for name in per_module if re.fullmatch(r".*\.layers\.\d+", name)]
+            assert len(layers) == model.config.num_hidden_layers, sorted(per_module)
+            counts.append(sum(sum(per_module[name].values()) for name in layers) // 2)
+    return counts
+
+
+@pytest.mark.parametrize("fam_length", [2, 0], ids=["fam", "bswa"])
+@pytest.mark.parametrize("memory_segments", [2, 0])
+def test_multiply_add_floor_counts_what_the_layers_compute(fam_length, memory_segments):
+    settings = {"block_size": 8, "memory_segments": memory_segments, "fam_length": fam_length}
+    base = tiny_base("llama", attn_implementation="sdpa")
+    # requires_grad off: torch's module tracker hooks tensors that require grad (the gates, returned as they are)
+    model = hf_fam.convert_to_fam(base, **settings, calibration_steps=0).eval().requires_grad_(False)
+    ids = random_ids(1, 44)  # five full blocks (the memory fills, then slides) and a partial one
+    counted = _layer_multiply_adds_per_segment(model, ids, settings["block_size"])
+    assert counted == segment_multiply_adds(base, ids.shape[1], **settings)
