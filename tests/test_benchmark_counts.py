@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_ids, tiny_base
 from torch.utils.flop_counter import FlopCounterMode
 
 import hf_fam
-from conftest import random_ids, tiny_base
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from forward_cost import segment_multiply_adds  # noqa: E402
+from forward_cost import segment_multiply_adds
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
