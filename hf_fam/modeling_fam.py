@@ -292,8 +292,11 @@ class FamPrompt(nn.Module):
         self.weight = nn.Parameter(torch.zeros(fam_length, hidden_size))
 
     def forward(self, batch_size: int) -> torch.Tensor:
-        """(batch_size, fam_length, hidden_size) view of the prompt."""
-        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+        """(batch_size, fam_length, hidden_size) view of the prompt. Without grad mode, a view of the detached weight:
+        a view of a parameter taken under no_grad still requires grad but has no gradient function, and torch's
+        module tracker (FlopCounterMode, FSDP's memory tools) stops on such an output with an error."""
+        weight = self.weight if torch.is_grad_enabled() else self.weight.detach()
+        return weight.unsqueeze(0).expand(batch_size, -1, -1)
 
     def extra_repr(self) -> str:
         return f"fam_length={self.weight.shape[0]}, hidden_size={self.weight.shape[1]}"

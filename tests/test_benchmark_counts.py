@@ -45,8 +45,22 @@ def _layer_multiply_adds_per_segment(model, ids, block_size: int) -> list[int]:
 def test_multiply_add_floor_counts_what_the_layers_compute(fam_length, memory_segments):
     settings = {"block_size": 8, "memory_segments": memory_segments, "fam_length": fam_length}
     base = tiny_base("llama", attn_implementation="sdpa")
-    # requires_grad off: torch's module tracker hooks tensors that require grad (the gates, returned as they are)
-    model = hf_fam.convert_to_fam(base, **settings, calibration_steps=0).eval().requires_grad_(False)
+    model = hf_fam.convert_to_fam(base, **settings, calibration_steps=0).eval()
     ids = random_ids(1, 44)  # five full blocks (the memory fills, then slides) and a partial one
     counted = _layer_multiply_adds_per_segment(model, ids, settings["block_size"])
     assert counted == segment_multiply_adds(base, ids.shape[1], **settings)
+
+
+def test_torch_flop_counter_runs_on_a_fam_model_with_and_without_grad():
+    """FlopCounterMode (torch's module tracker) runs through a FAM model's forward, also under no_grad, where a view
+    of the FAM prompt taken without grad mode used to stop it, and counts the same work in both modes."""
+    base = tiny_base("llama", attn_implementation="sdpa")
+    model = hf_fam.convert_to_fam(base, block_size=8, memory_segments=2, fam_length=2, calibration_steps=0).eval()
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    ids = random_ids(1, 20)
+    totals = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            model(ids)
+        totals.append(counter.get_total_flops())
+    assert totals[0] == totals[1] > 0
