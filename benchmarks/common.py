@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -135,13 +137,38 @@ def run_child(script: Path, *args: str, timeout: float = 3600, env: dict | None 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+@contextmanager
+def replaced(path: Path):
+    """Yield a temporary path next to `path`; when the block ends without error, it replaces `path` in one rename (an
+    interrupted benchmark leaves the earlier results whole), otherwise it is removed."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with replaced(path) as tmp, open(tmp, "w", newline="") as f:
         fields = list(dict.fromkeys(key for row in rows for key in row))  # rows may carry extra fields (a note)
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_json(path: Path, data, newline: bool = False) -> None:
+    with replaced(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + ("\n" if newline else ""))
+
+
+def save_figure(fig, path: Path) -> None:
+    with replaced(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip("."))
 
 
 def read_csv(path: Path) -> list[dict]:

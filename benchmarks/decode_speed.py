@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import PAPER_SETTINGS, RESULTS, load_model, machine, run_child, write_csv
+from common import PAPER_SETTINGS, RESULTS, load_model, machine, run_child, write_csv, write_json
 
 
 MODES = ("base", "bswa", "fam")
@@ -118,12 +118,12 @@ def main():
         ratios[f"fam_over_bswa_at_{context}"] = speed[("fam", context)] / speed[("bswa", context)]
         ratios[f"fam_over_base_at_{context}"] = speed[("fam", context)] / speed[("base", context)]
         print(f"context {context:6d}: FAM/BSWA speed {ratios[f'fam_over_bswa_at_{context}']:.3f}, FAM/base speed {ratios[f'fam_over_base_at_{context}']:.3f}")
-    shortest, longest = min(args.contexts), max(args.contexts)
+    shortest = min(args.contexts)
     for context in sorted(args.contexts)[1:]:
         ratios[f"fam_{context}_over_fam_{shortest}"] = speed[("fam", context)] / speed[("fam", shortest)]
         print(f"FAM speed at {context} / at {shortest}: {ratios[f'fam_{context}_over_fam_{shortest}']:.3f}")
     write_csv(RESULTS / "decode_speed.csv", [{k: v for k, v in r.items() if k != "rounds"} for r in rows])
-    (RESULTS / "decode_speed.json").write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": ratios}, indent=2))
+    write_json(RESULTS / "decode_speed.json", {"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": ratios})
     from plot_results import plot_decode_speed
 
     plot_decode_speed()

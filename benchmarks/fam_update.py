@@ -19,12 +19,11 @@ Writes benchmarks/results/fam_update[_TAG].csv (one row per model and bucket) an
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
 import torch
-from common import RESULTS, machine, smollm2_dir, write_csv
+from common import RESULTS, machine, smollm2_dir, write_csv, write_json
 
 
 TEXTS = {
@@ -152,10 +151,10 @@ def main():
     for name, result in summary.items():
         result["worst_ratio_to_bswa"] = max(b / ref for b, ref in zip(result["buckets"], bswa))
         result["sample_text_ratio_to_bswa"] = result["sample_text_perplexity"] / summary["bswa"]["sample_text_perplexity"]
-    (RESULTS / f"{stem}.json").write_text(json.dumps({
+    write_json(RESULTS / f"{stem}.json", {
         "machine": machine(), "text": TEXTS[args.text], "tokens": ids.shape[1],
         "settings": {**settings, "fam_length": args.fam_length}, "bucket": args.bucket, "models": summary,
-    }, indent=2))
+    })
     for name, result in summary.items():
         print(f"{name:16s} worst bucket / BSWA's: {result['worst_ratio_to_bswa']:.3f}; sample text / BSWA's: "
               f"{result['sample_text_ratio_to_bswa']:.3f}")

@@ -44,6 +44,7 @@ from common import (
     machine,
     run_child,
     write_csv,
+    write_json,
 )
 
 
@@ -230,7 +231,7 @@ def run_segments(lengths: list[int], rounds: int) -> None:
                 rows.append({"tokens": summary["tokens"], "round": round_index, "segment": index, "bswa_s": round(b, 4), "fam_s": round(f, 4)})
     print(f"Machine: {machine()}")
     write_csv(RESULTS / "forward_cost_segments.csv", rows)
-    results_json.write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "ratios": summaries}, indent=2))
+    write_json(results_json, {"machine": machine(), "settings": PAPER_SETTINGS, "ratios": summaries})
     from plot_results import plot_forward_cost_segments
 
     plot_forward_cost_segments()
@@ -354,7 +355,7 @@ def main():
     rows.sort(key=lambda row: (row["tokens"], MODES.index(row["mode"])))
     summary.sort(key=lambda ratio: ratio["tokens"])
     write_csv(RESULTS / "forward_cost.csv", rows)
-    results_json.write_text(json.dumps({"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": summary}, indent=2))
+    write_json(results_json, {"machine": machine(), "settings": PAPER_SETTINGS, "runs": rows, "ratios": summary})
     from plot_results import plot_forward_cost
 
     plot_forward_cost()

@@ -18,7 +18,6 @@ Results go to benchmarks/results/forward_profile.{json,csv}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
@@ -31,6 +30,7 @@ from common import (
     print_layer_kernels,
     sdpa_inputs,
     write_csv,
+    write_json,
 )
 
 
@@ -110,7 +110,7 @@ def main():
             print_layer_kernels(kernels)
         RESULTS.mkdir(parents=True, exist_ok=True)
         summary = {"settings": PAPER_SETTINGS, "machine": machine(), "runs": runs}
-        (RESULTS / "forward_kernels.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(RESULTS / "forward_kernels.json", summary, newline=True)
         print(f"Wrote {RESULTS / 'forward_kernels.json'}")
         return
     floor_rows, floor_attention = F / B, (1 + F / B) * (1 + F / ((M + 1) * B)) - 1
@@ -182,7 +182,7 @@ def main():
             }
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "forward_profile.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(RESULTS / "forward_profile.json", summary, newline=True)
     write_csv(RESULTS / "forward_profile.csv", all_rows)
     print(f"\nWrote {RESULTS / 'forward_profile.json'} and forward_profile.csv")
 

@@ -16,14 +16,12 @@ James Bible from Debian's bible-kjv package, 65,536 tokens = 8x SmolLM2's 8k tra
 
 from __future__ import annotations
 
-import csv
-
 import matplotlib
 
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, read_csv  # noqa: E402
+from common import RESULTS, read_csv, save_figure, write_csv  # noqa: E402
 
 
 FOLDER = RESULTS / "long_stream"
@@ -41,10 +39,7 @@ def main() -> None:
             "fam": round(float(fam["perplexity"]), 3),
             "fam_over_bswa": round(float(fam["perplexity"]) / float(bswa["perplexity"]), 3),
         })
-    with open(FOLDER / "long_stream.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(FOLDER / "long_stream.csv", rows)
     ends = [r["bucket_end"] / 1024 for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     axes[0].plot(ends, [r["bswa"] for r in rows], "o-", label="BSWA (F=0)", color="#1f77b4")
@@ -60,7 +55,7 @@ def main() -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M, B=1024, M=3, F=64, KJV text streamed with absolute positions", fontsize=9)
     fig.tight_layout()
-    fig.savefig(FOLDER / "long_stream.png", dpi=120)
+    save_figure(fig, FOLDER / "long_stream.png")
     for r in rows:
         print(f"{r['bucket_start']:>6}-{r['bucket_end']:<6} BSWA {r['bswa']:8.3f}  FAM {r['fam']:8.3f}  FAM/BSWA {r['fam_over_bswa']:.3f}")
 

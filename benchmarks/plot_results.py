@@ -12,7 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, read_csv  # noqa: E402
+from common import RESULTS, read_csv, save_figure  # noqa: E402
 
 
 COLORS = {"base": "#888888", "bswa": "#1f77b4", "fam": "#d62728"}
@@ -43,7 +43,7 @@ def plot_forward_cost():
     _grouped_bars(axes[0], rows, "seconds", "seconds", "One forward pass, SmolLM2-135M (CPU)")
     _grouped_bars(axes[1], rows, "peak_added_mib", "MiB", "Peak memory added by the pass")
     fig.tight_layout()
-    fig.savefig(RESULTS / "forward_cost.png", dpi=120)
+    save_figure(fig, RESULTS / "forward_cost.png")
     plt.close(fig)
 
 
@@ -84,7 +84,7 @@ def plot_forward_cost_segments():
         right.set_title("Each segment call")
         right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "forward_cost_segments.png", dpi=120)
+    save_figure(fig, RESULTS / "forward_cost_segments.png")
     plt.close(fig)
 
 
@@ -117,7 +117,7 @@ def plot_stream_memory():
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "stream_memory.png", dpi=120)
+    save_figure(fig, RESULTS / "stream_memory.png")
     plt.close(fig)
 
 
@@ -126,7 +126,7 @@ def plot_decode_speed():
     fig, ax = plt.subplots(figsize=(6, 4))
     _lines(ax, rows, "context", "tokens_per_second", "tokens / s", "Greedy decoding speed, SmolLM2-135M (CPU)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "decode_speed.png", dpi=120)
+    save_figure(fig, RESULTS / "decode_speed.png")
     plt.close(fig)
 
 
@@ -147,7 +147,7 @@ def plot_fam_update(stem: str = "fam_update"):
     ax.set_title(f"Untrained conversion, SmolLM2-135M: B={settings['block_size']}, M={settings['memory_segments']}, F={settings['fam_length']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+    save_figure(fig, RESULTS / f"{stem}.png")
     plt.close(fig)
 
 
@@ -159,7 +159,7 @@ def plot_train_step():
     if with_memory:
         _grouped_bars(axes[0][1], with_memory, "peak_added_mib", "MiB", "Peak memory added by the step")
     fig.tight_layout()
-    fig.savefig(RESULTS / "train_step.png", dpi=120)
+    save_figure(fig, RESULTS / "train_step.png")
     plt.close(fig)
 
 

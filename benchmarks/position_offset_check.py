@@ -7,7 +7,7 @@ change nothing, the state carried over 44 blocks does.
     python benchmarks/position_offset_check.py FAM_FOLDER [TEXT_FILE]
 """
 import math, sys, torch
-import hf_fam  # registers the Auto classes
+import hf_fam  # noqa: F401  (registers the Auto classes)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 path, start, end = sys.argv[1], 45056, 65536
 text = sys.argv[2] if len(sys.argv) > 2 else "kjv.txt"

@@ -29,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-from common import PINNED_ALLOCATOR, RESULTS, PeakMemory, load_model, machine, rss_bytes, run_child, write_csv
+from common import PINNED_ALLOCATOR, RESULTS, PeakMemory, load_model, machine, rss_bytes, run_child, write_csv, write_json
 
 
 LOGITS_SLICE = 256  # as hf_fam.stream_log_likelihood
@@ -145,9 +145,7 @@ def main():
         print(f"{name}: {ratio:.3f}")
     write_csv(RESULTS / "stream_memory.csv", [_rounded(r) for r in rows])
     write_csv(RESULTS / "stream_memory_curve.csv", [_rounded(r) for r in curve])
-    (RESULTS / "stream_memory.json").write_text(
-        json.dumps({"machine": machine(), "chunk": args.chunk, "allocator_env": env, "runs": rows, "ratios": ratios}, indent=2)
-    )
+    write_json(RESULTS / "stream_memory.json", {"machine": machine(), "chunk": args.chunk, "allocator_env": env, "runs": rows, "ratios": ratios})
     from plot_results import plot_stream_memory
 
     plot_stream_memory()

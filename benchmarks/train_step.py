@@ -28,7 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import PAPER_SETTINGS, PINNED_ALLOCATOR, RESULTS, PeakMemory, load_model, machine, run_child, write_csv
+from common import PAPER_SETTINGS, PINNED_ALLOCATOR, RESULTS, PeakMemory, load_model, machine, run_child, write_csv, write_json
 
 
 MODES = ("base", "bswa", "fam")
@@ -168,7 +168,7 @@ def _write(rows, summary) -> None:
     summary = sorted(summary, key=lambda r: int(r["tokens"]))
     write_csv(RESULTS / "train_step.csv", rows)
     meta = {"machine": machine(), "settings": PAPER_SETTINGS, "lora": LORA, "checkpointing": "non-reentrant", "runs": rows, "ratios": summary}
-    (RESULTS / "train_step.json").write_text(json.dumps(meta, indent=2))
+    write_json(RESULTS / "train_step.json", meta)
     from plot_results import plot_train_step
 
     plot_train_step()
