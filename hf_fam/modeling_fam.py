@@ -32,7 +32,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.utils import logging
+from transformers.utils import is_torch_greater_or_equal, logging
 
 from .cache_fam import FamCache
 from .configuration_fam import FamConfig
@@ -326,14 +326,15 @@ class _Segment:
 
     Per-row tensors (b = batch): `completes` (b,) whether the row's current block ends with this segment;
     `real_tokens` (b,) the row's tokens in the segment; `writes` where their keys go in the cache (the same slots in
-    every layer). `fam_rows`: whether the F FAM rows join the call; attention reads the F FAM slots and the first
-    `span` window slots of the cache; the FAM queries see only the FAM keys and the keys from slot `fam_key_start`
-    on (their current block; 0 when that is every key). `masks` per sliding window (None: full attention),
-    `position_embeddings` per layer type, `routed_rows` the rows a mixture-of-experts load-balancing loss counts.
-    `on(device)` gives what a layer call uses, on that layer's device.
+    every layer); `all_complete` whether every row's block ends with it. `fam_rows`: whether the F FAM rows join the
+    call; attention reads the F FAM slots and the first `span` window slots of the cache; the FAM queries see only
+    the FAM keys and the keys from slot `fam_key_start` on (their current block; 0 when that is every key). `masks`
+    per sliding window (None: full attention), `position_embeddings` per layer type, `routed_rows` the rows a
+    mixture-of-experts load-balancing loss counts. `on(device)` gives what a layer call uses, on that layer's device.
     """
 
     completes: torch.Tensor
+    all_complete: bool
     real_tokens: torch.Tensor
     fam_rows: bool
     span: int
@@ -355,6 +356,7 @@ class _Segment:
                 position_ids=self.position_ids.to(device),
                 writes=_to_device(self.writes, device),
                 completes=self.completes.to(device),
+                all_complete=self.all_complete,
                 routed_rows=_to_device(self.routed_rows, device),
                 span=self.span,
                 fam_key_start=self.fam_key_start,
@@ -372,6 +374,7 @@ class _SegmentOnDevice:
     position_ids: torch.Tensor
     writes: tuple
     completes: torch.Tensor
+    all_complete: bool
     routed_rows: torch.Tensor | None
     span: int
     fam_key_start: int
@@ -1137,7 +1140,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 per_device[layer_device] = _to_device(inputs, layer_device)
             layer_mask, position_embeddings, layer_positions = per_device[layer_device]
             hidden = hidden if track is None else track(hidden)
-            hidden = self._call_layer(layer, hidden, layer_mask, position_embeddings[layer_type], layer_positions, None)
+            with self._attention_context(layer) as extra:
+                hidden = self._call_layer(
+                    layer, hidden, layer_mask, position_embeddings[layer_type], layer_positions, None, **extra
+                )
             hidden = hidden.to(devices[layer_idx + 1])
             track = yield hidden.expand(batch_size, -1, -1)
 
@@ -1313,6 +1319,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         has_tokens = (real_tokens > 0)[:, None].expand(-1, F)
         return _Segment(
             completes=completes,
+            all_complete=fam_rows and bool(completes.all()),  # a host read, only where the FAM state is updated
             real_tokens=real_tokens,
             fam_rows=fam_rows,
             span=span,
@@ -1352,11 +1359,13 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         new_state = output[:, :F]
         if gates is not None:  # the gated update: S + g (output - S)
             gate = gates[layer_idx].to(device=new_state.device, dtype=new_state.dtype)
-            new_state = state.fam_state + gate * (new_state - state.fam_state)
+            new_state = torch.lerp(state.fam_state, new_state, gate)
         sink = self.config.fam_sink_length
         if sink:  # the sink rows are never updated
             new_state = torch.cat([state.fam_state[:, :sink], new_state[:, sink:]], dim=1)
-        state.fam_state = torch.where(segment.completes[:, None, None], new_state, state.fam_state)
+        if not segment.all_complete:  # rows whose block goes on keep their state
+            new_state = torch.where(segment.completes[:, None, None], new_state, state.fam_state)
+        state.fam_state = new_state
         return output[:, F:]
 
     def _segment_layer_call(self, layer, layer_idx, segment, layer_cache, in_place, record_router, rows, keys, values):
@@ -1366,7 +1375,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         mode (reentrant checkpointing carries gradients only through the function's inputs and outputs)."""
         source = None if keys is None else (keys, values)
         key_values = _BlockKeyValues(layer_cache, source, segment, self.config.fam_length, in_place)
-        split = self._fam_query_split(layer, segment)
+        split = self._attention_context(layer, segment.fam_key_start)
         with _captured_router_logits(layer, self._router if record_router else None) as router_logits, split as extra:
             output = self._call_layer(
                 layer,
@@ -1379,20 +1388,22 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             )
         return (output, key_values.keys, key_values.values, *router_logits)
 
-    def _fam_query_split(self, layer, segment: _SegmentOnDevice):
-        """With sdpa, a context in which the layer's attention computes the F FAM queries over the keys they can see
-        (FAM slots and slots from `segment.fam_key_start` on) and the block queries over all keys, in two calls of
-        torch's kernel (`_fam_sdpa_attention`): the FAM queries skip the memory segments' keys, which their mask
-        hides anyway. It yields the keyword arguments the layer passes on to its attention function. The layers pick
-        their attention function from the base configuration's name, so the name is switched for the call only."""
+    def _attention_context(self, layer, fam_key_start: int = 0):
+        """With sdpa, a context in which the layer's attention is `_fam_sdpa_attention`: on a segment with memory, it
+        computes the F FAM queries over the keys they can see (FAM slots and slots from `fam_key_start` on)
+        and the block queries over all keys, in two calls of torch's kernel (the FAM queries skip the memory
+        segments' keys, which their mask hides anyway); on CPU, it lets the kernel share each key/value head among
+        its query heads. It yields the keyword arguments the layer passes on to its attention function. The layers
+        pick their attention function from the base configuration's name, so the name is switched for the call
+        only."""
         config = self.model.config
-        if segment.fam_key_start <= self.config.fam_length or _user_implementation(config) != "sdpa":
+        if _user_implementation(config) != "sdpa":
             return nullcontext({})
-        if not _passes_attention_kwargs(layer):  # one call over all queries, as the mask says
-            return nullcontext({})
-        return _attention_implementation(
-            config, _FAM_SDPA, {"fam_query_rows": self.config.fam_length, "fam_key_start": segment.fam_key_start}
-        )
+        split = fam_key_start > self.config.fam_length and _passes_attention_kwargs(layer)
+        # Without the split (or where the layer cannot pass its arguments on): one call over all queries, as the mask
+        # says, still through `_fam_sdpa_attention` for its grouped-query kernel call
+        kwargs = {"fam_query_rows": self.config.fam_length, "fam_key_start": fam_key_start} if split else {}
+        return _attention_implementation(config, _FAM_SDPA, kwargs)
 
     @staticmethod
     def _call_layer(layer, hidden, attention_mask, position_embeddings, position_ids, block_cache, **attention_kwargs):
@@ -1602,8 +1613,11 @@ def _fam_sdpa_attention(module, query, key, value, attention_mask, *args, fam_qu
     `fam_query_rows` (F) queries over the F FAM keys and the keys from `fam_key_start` on (those their mask lets them
     see), the other queries over all keys. The result equals one call over all queries (masked keys weigh zero); the FAM
     queries skip the memory segments' keys, and torch's CPU kernel, which shares (heads x 256-row query slices) among
-    the threads, no longer gets an uneven F-row tail in every head. Without the two arguments: sdpa as it is."""
+    the threads, no longer gets an uneven F-row tail in every head. Without the two arguments: sdpa as it is.
+    Where `_shares_key_value_heads` says so, each call is `_grouped_sdpa_attention`."""
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if _shares_key_value_heads(module, query, attention_mask, args, kwargs):
+        sdpa = _grouped_sdpa_attention
     F = fam_query_rows
     if not (F < fam_key_start < key.shape[2]) or query.shape[2] <= F or not torch.is_tensor(attention_mask):
         return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
@@ -1626,6 +1640,36 @@ def _fam_sdpa_attention(module, query, key, value, attention_mask, *args, fam_qu
     block_output, _ = sdpa(module, query[:, :, F:], key, value, attention_mask[:, :, F:], *args, **kwargs)
     return torch.cat([fam_output, block_output], 1), None
 
+
+def _shares_key_value_heads(module, query, attention_mask, args, kwargs) -> bool:
+    """Whether an sdpa call of a grouped-query attention layer (fewer key/value heads than query heads) can run as
+    `_grouped_sdpa_attention`: on CPU, where torch's kernel takes `enable_gqa` with a mask (torch >= 2.5), for a mask
+    tensor and several queries (what transformers' sdpa function does otherwise: copy the keys and values once per
+    query head first, as CUDA's kernels need with a mask), and with nothing that function would do besides."""
+    return (
+        query.device.type == "cpu"
+        and _TORCH_ENABLE_GQA
+        and getattr(module, "num_key_value_groups", 1) > 1
+        and torch.is_tensor(attention_mask)
+        and query.shape[2] > 1
+        and not args
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions", False)
+    )
+
+
+def _grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' sdpa attention function on a mask tensor, with torch's kernel reading each key/value head for
+    its group of query heads (`enable_gqa`) instead of copies of the keys and values, one per query head: the same
+    numbers reach the same kernel, without copying (M+1)B keys and values per layer call."""
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+_TORCH_ENABLE_GQA = is_torch_greater_or_equal("2.5")
 
 AttentionInterface.register(_FAM_SDPA, _fam_sdpa_attention)
 AttentionMaskInterface.register(_FAM_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

@@ -157,28 +157,33 @@ def test_bswa_receptive_field_follows_the_base_models_sliding_window(family, win
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])
 def test_eager_and_sdpa_agree(family, monkeypatch):
     """Also with sdpa's FAM queries computed over their own keys (FAM and current block), apart from the block
-    queries (`_fam_sdpa_attention`): the recorded kernel calls show that split, which must not change a logit."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    queries, and with the kernel sharing each key/value head among its query heads (`_fam_sdpa_attention`): the
+    recorded kernel calls show the split and the unrepeated key heads, which must not change a logit."""
+    sdpa, query_rows, key_heads = torch.nn.functional.scaled_dot_product_attention, [], set()
 
-    sdpa, query_rows = ALL_ATTENTION_FUNCTIONS["sdpa"], []
-
-    def recorded_sdpa(module, query, *args, **kwargs):
+    def recorded_sdpa(query, key, *args, **kwargs):
         query_rows.append(query.shape[2])
-        return sdpa(module, query, *args, **kwargs)
+        if query.shape[2] > 1:
+            key_heads.add((query.shape[1], key.shape[1]))
+        return sdpa(query, key, *args, **kwargs)
 
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recorded_sdpa)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded_sdpa)
     ids = random_ids(2, 29)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     logits = {}
     for attn in ("eager", "sdpa"):
         fam = randomize_fam(convert(tiny_base(family, attn), block_size=7, memory_segments=2, fam_length=3))
+        query_rows.clear(), key_heads.clear()  # the FAM model's calls only, not the conversion's check of the base
         with torch.no_grad():
             logits[attn] = fam(ids, attention_mask=mask).logits
         assert fam.config.text_config._attn_implementation == attn
     keep = mask.bool()
     assert_logits_close(logits["sdpa"][keep], logits["eager"][keep])
     assert 3 in query_rows, "the FAM queries of blocks with memory segments ran in a call of their own"
+    config = tiny_base(family).config
+    grouped = (config.num_attention_heads, config.num_key_value_heads)
+    assert key_heads == {grouped}, "the keys and values reach the kernel copied once per query head"
 
 
 @pytest.mark.parametrize(
