@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
+
+from hf_fam.io_utils import write_atomic  # imports neither torch nor transformers
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,38 +138,24 @@ def run_child(script: Path, *args: str, timeout: float = 3600, env: dict | None 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@contextmanager
-def replaced(path: Path):
-    """Yield a temporary path next to `path`; when the block ends without error, it replaces `path` in one rename (an
-    interrupted benchmark leaves the earlier results whole), otherwise it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with replaced(path) as tmp, open(tmp, "w", newline="") as f:
-        fields = list(dict.fromkeys(key for row in rows for key in row))  # rows may carry extra fields (a note)
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    """The rows as CSV, written whole or not at all (`hf_fam.io_utils.write_atomic`), as every writer below."""
+    text = io.StringIO()
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # rows may carry extra fields (a note)
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
 
 
 def write_json(path: Path, data, newline: bool = False) -> None:
-    with replaced(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + ("\n" if newline else ""))
+    write_atomic(path, json.dumps(data, indent=2) + ("\n" if newline else ""))
 
 
 def save_figure(fig, path: Path) -> None:
-    with replaced(path) as tmp:
-        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip("."))
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format=Path(path).suffix.lstrip("."))
+    write_atomic(path, image.getvalue())
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .card import EVAL_RESULTS_FILE
+from .io_utils import write_atomic
 from .tasks import TaskExample, answer_is_correct, passkey_example
 
 
@@ -146,25 +146,6 @@ def variant_settings(variant: Variant, fam) -> str:
     if variant.name == BSWA:
         return f"BSWA: B={c.block_size}, M={c.memory_segments}, F=0"
     return f"FAM: {settings_text(fam)}"
-
-
-# --------------------------------------------------------------------------------------- atomic writing
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write `data` to a temporary file next to `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _csv_text(rows: list[dict], columns: list[str]) -> str:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
 import tempfile
@@ -13,7 +11,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .card import existing_card_data, render_model_card
-from .io_utils import DamagedFileError, check_model_folder
+from .io_utils import DamagedFileError, check_model_folder, write_atomic
 
 
 logger = logging.get_logger(__name__)
@@ -69,7 +67,7 @@ def existing_training_table(folder: str | Path) -> dict:
 def write_model_card(folder: str | Path, repo_id: str | None = None, **card_kwargs) -> Path:
     """(Re)write README.md in `folder` (to a temporary file, then renamed), keeping base_model and license."""
     folder = Path(folder)
-    _replace_file(folder / "README.md", str(model_card(folder, repo_id=repo_id, **card_kwargs)))
+    write_atomic(folder / "README.md", str(model_card(folder, repo_id=repo_id, **card_kwargs)))
     return folder / "README.md"
 
 
@@ -83,21 +81,6 @@ def refresh_model_card(folder: str | Path) -> bool:
     named = re.search(r'from_pretrained\("([^"]+)"', _previous_card_text(folder))
     write_model_card(folder, repo_id=named.group(1) if named else None)
     return True
-
-
-def _replace_file(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a model card is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -206,5 +189,5 @@ def push_folder(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if card_text is not None:
-        _replace_file(folder / "README.md", card_text)  # the folder now matches what was uploaded
+        write_atomic(folder / "README.md", card_text)  # the folder now matches what was uploaded
     return str(getattr(commit, "commit_url", commit))

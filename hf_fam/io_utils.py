@@ -1,5 +1,5 @@
 # Copyright 2026 The hf-fam developers. Licensed under the Apache License, Version 2.0.
-"""Writing folders so that nothing half-written is ever left behind, and reading weights files that may be damaged.
+"""Writing files and folders so that nothing half-written is ever left behind, and reading weights files that may be damaged.
 
 Imports neither torch nor transformers: the command line checks its paths with it before loading anything.
 """
@@ -96,6 +96,26 @@ def _check_writable_parent(resolved: Path, target: Path) -> None:
             f"Cannot write the output {target}: no folder can be made in {existing} ({error.strerror or error}). "
             "Choose an output path in a folder you can write to."
         ) from None
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` (text is written as UTF-8, its line ends as they are) to a temporary file next to `path`, then
+    rename it over `path`: an interrupted write leaves the earlier file whole and no temporary file behind. The file
+    gets the permissions of an ordinary new file (mkstemp makes it private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextlib.contextmanager
