@@ -1140,7 +1140,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 per_device[layer_device] = _to_device(inputs, layer_device)
             layer_mask, position_embeddings, layer_positions = per_device[layer_device]
             hidden = hidden if track is None else track(hidden)
-            with self._attention_context(layer) as extra:
+            with self._attention_context(layer, hidden) as extra:
                 hidden = self._call_layer(
                     layer, hidden, layer_mask, position_embeddings[layer_type], layer_positions, None, **extra
                 )
@@ -1375,7 +1375,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         mode (reentrant checkpointing carries gradients only through the function's inputs and outputs)."""
         source = None if keys is None else (keys, values)
         key_values = _BlockKeyValues(layer_cache, source, segment, self.config.fam_length, in_place)
-        split = self._attention_context(layer, segment.fam_key_start)
+        split = self._attention_context(layer, rows, segment.fam_key_start)
         with _captured_router_logits(layer, self._router if record_router else None) as router_logits, split as extra:
             output = self._call_layer(
                 layer,
@@ -1388,20 +1388,23 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             )
         return (output, key_values.keys, key_values.values, *router_logits)
 
-    def _attention_context(self, layer, fam_key_start: int = 0):
-        """With sdpa, a context in which the layer's attention is `_fam_sdpa_attention`: on a segment with memory, it
-        computes the F FAM queries over the keys they can see (FAM slots and slots from `fam_key_start` on)
-        and the block queries over all keys, in two calls of torch's kernel (the FAM queries skip the memory
-        segments' keys, which their mask hides anyway); on CPU, it lets the kernel share each key/value head among
-        its query heads. It yields the keyword arguments the layer passes on to its attention function. The layers
-        pick their attention function from the base configuration's name, so the name is switched for the call
-        only."""
+    def _attention_context(self, layer, rows: torch.Tensor, fam_key_start: int = 0):
+        """With sdpa, a context in which the layer's attention on `rows` (its input) is `_fam_sdpa_attention`: on a
+        segment with memory, it computes the F FAM queries over the keys they can see (FAM slots and slots from
+        `fam_key_start` on) and the block queries over all keys, in two calls of torch's kernel (the FAM queries skip
+        the memory segments' keys, which their mask hides anyway); on CPU, it lets the kernel share each key/value
+        head among its query heads. It yields the keyword arguments the layer passes on to its attention function.
+        The layers pick their attention function from the base configuration's name, so the name is switched for the
+        call only, and only where the call gains from it: setting a configuration's attribute costs tens of
+        microseconds, as much as a small layer call (a decoding step's one row)."""
         config = self.model.config
         if _user_implementation(config) != "sdpa":
             return nullcontext({})
         split = fam_key_start > self.config.fam_length and _passes_attention_kwargs(layer)
         # Without the split (or where the layer cannot pass its arguments on): one call over all queries, as the mask
-        # says, still through `_fam_sdpa_attention` for its grouped-query kernel call
+        # says, through `_fam_sdpa_attention` for its grouped-query kernel call where that may apply
+        if not (split or (rows.shape[1] > 1 and rows.device.type == "cpu" and _TORCH_ENABLE_GQA)):
+            return nullcontext({})
         kwargs = {"fam_query_rows": self.config.fam_length, "fam_key_start": fam_key_start} if split else {}
         return _attention_implementation(config, _FAM_SDPA, kwargs)
 
