@@ -4,6 +4,7 @@
     python benchmarks/forward_cost.py --lengths 8192 --rounds 5   # the other lengths keep their earlier results
     python benchmarks/forward_cost.py --lengths 8192 --rounds 15 --skip-base   # FAM/BSWA only, more rounds
     python benchmarks/forward_cost.py --unit segment --lengths 8192 --rounds 30   # FAM/BSWA, interleaved per segment
+    python benchmarks/forward_cost.py --unit segment --lengths 8192 --rounds 30 --reuse-initial-state
 
 Time: one process per length holds the three models (BSWA and FAM are conversions sharing the base model's
 weights) and times one pass of each in turn, --rounds times (base, BSWA, FAM, base, BSWA, FAM, ...), after a
@@ -24,6 +25,10 @@ machine whose speed drifts over seconds then charges the drift to both models al
 do not cancel it. Reported: per round, the ratio of the two passes' summed segment times; their median over the
 rounds, with a bootstrap 95% interval of that median; the median of every per-segment pair's ratio; and the median
 pair ratio per segment index (segment 0 has no memory yet). Writes forward_cost_segments.{csv,json,png}.
+
+--reuse-initial-state runs the FAM model inside `model.reuse_initial_state()`: the FAM prompt's pass (S0) is computed
+by the warm-up and reused by every timed stream, as in an evaluation or a server starting many streams with the same
+weights; its multiply-add floor leaves that pass out. Writes forward_cost_segments_reused.{csv,json,png}.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from common import (
@@ -57,17 +63,22 @@ def _inputs(vocab_size: int, length: int):
     return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
 
 
-def multiply_adds(base, length: int, block_size: int, memory_segments: int, fam_length: int) -> int:
+def multiply_adds(
+    base, length: int, block_size: int, memory_segments: int, fam_length: int, initial_state_pass=True
+) -> int:
     """Multiply-adds of one forward pass's decoder layers (logits for one position: left out), counted as the kernels
     run them: every linear layer over every row a layer call gets (block rows, the F FAM rows of each block and the
     FAM prompt's own pass), and attention as dense over the keys of the call's cache span (sdpa with a mask computes
     masked pairs too): block queries over F + min(t, M) B + B keys, FAM queries over their own F + B (the two-call
-    sdpa). The FAM/BSWA ratio of these is the floor no implementation of the rules gets under."""
-    return sum(segment_multiply_adds(base, length, block_size, memory_segments, fam_length))
+    sdpa; the prompt's pass left out with `initial_state_pass=False`, for a model reusing S0). The FAM/BSWA ratio
+    of these is the floor no implementation of the rules gets under."""
+    return sum(segment_multiply_adds(base, length, block_size, memory_segments, fam_length, initial_state_pass))
 
 
-def segment_multiply_adds(base, length: int, block_size: int, memory_segments: int, fam_length: int) -> list[int]:
-    """`multiply_adds` of each block segment of the pass (the FAM prompt's pass counted in the first)."""
+def segment_multiply_adds(
+    base, length: int, block_size: int, memory_segments: int, fam_length: int, initial_state_pass=True
+) -> list[int]:
+    """`multiply_adds` of each block segment of the pass (the FAM prompt's pass, if run, counted in the first)."""
     layer = base.model.layers[0]
     linear = sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, __import__("torch").nn.Linear))
     config = base.config
@@ -81,7 +92,8 @@ def segment_multiply_adds(base, length: int, block_size: int, memory_segments: i
         rows = queries + F
         pairs = queries * keys + F * (F + queries)
         count = L * (rows * linear + pairs * per_pair)
-        if F and t == 0:  # S0: the prompt's pass through layers 0 .. L-2 (the last one's output is nobody's input)
+        if F and t == 0 and initial_state_pass:
+            # S0: the prompt's pass through layers 0 .. L-2 (the last one's output is nobody's input)
             count += (L - 1) * (F * linear + F * F * per_pair)
         segments.append(count)
     return segments
@@ -124,8 +136,9 @@ def time_child(length: int, rounds: int, modes: tuple[str, ...]) -> dict:
     }
 
 
-def segment_child(length: int, rounds: int) -> dict:
-    """Seconds of each segment call, [round][segment], per model, interleaved per segment (see --unit segment)."""
+def segment_child(length: int, rounds: int, reuse_initial_state: bool = False) -> dict:
+    """Seconds of each segment call, [round][segment], per model, interleaved per segment (see --unit segment and
+    --reuse-initial-state)."""
     import torch
 
     import hf_fam
@@ -138,9 +151,10 @@ def segment_child(length: int, rounds: int) -> dict:
     ids = _inputs(base.config.vocab_size, length)
     B = PAPER_SETTINGS["block_size"]
     seconds = {mode: [] for mode in models}
-    with torch.no_grad():
+    reuse = models["fam"].reuse_initial_state() if reuse_initial_state else nullcontext()
+    with torch.no_grad(), reuse:
         for model in models.values():
-            model(ids[:, :256], logits_to_keep=1)  # warm-up
+            model(ids[:, :256], logits_to_keep=1)  # warm-up (and, reusing it, S0)
         for round_index in range(rounds):
             caches = {mode: None for mode in models}
             for mode in models:
@@ -154,7 +168,7 @@ def segment_child(length: int, rounds: int) -> dict:
                     )
                     seconds[mode][-1].append(time.perf_counter() - begin)
                     caches[mode] = output.past_key_values
-    fam = segment_multiply_adds(base, length, **PAPER_SETTINGS)
+    fam = segment_multiply_adds(base, length, **PAPER_SETTINGS, initial_state_pass=not reuse_initial_state)
     bswa = segment_multiply_adds(base, length, **dict(PAPER_SETTINGS, fam_length=0))
     return {
         "seconds": seconds,
@@ -191,20 +205,26 @@ def segment_summary(length: int, seconds: dict) -> dict:
     }
 
 
-def run_segments(lengths: list[int], rounds: int) -> None:
-    results_json = RESULTS / "forward_cost_segments.json"
+def run_segments(lengths: list[int], rounds: int, reuse_initial_state: bool = False) -> None:
+    name = "forward_cost_segments_reused" if reuse_initial_state else "forward_cost_segments"
+    results_json = RESULTS / f"{name}.json"
+    initial_state = "reused" if reuse_initial_state else "computed per stream"
     earlier = json.loads(results_json.read_text())["ratios"] if results_json.exists() else []
     summaries, rows = [], []
     for length in lengths:
-        timed = run_child(Path(__file__), "segments", "bswa,fam", str(length), "--rounds", str(rounds), timeout=6 * 3600)
+        flags = ["--reuse-initial-state"] if reuse_initial_state else []
+        timed = run_child(
+            Path(__file__), "segments", "bswa,fam", str(length), "--rounds", str(rounds), *flags, timeout=6 * 3600
+        )
         summary = segment_summary(length, timed["seconds"])
+        summary["initial_state"] = initial_state
         summary["fam_over_bswa_multiply_adds"] = timed["fam_over_bswa_multiply_adds"]
         summary["fam_over_bswa_multiply_adds_by_segment"] = timed["fam_over_bswa_multiply_adds_by_segment"]
         summary["seconds"] = timed["seconds"]
         summaries.append(summary)
         low, high = summary["fam_over_bswa_median_of_rounds_95_interval"]
         print(
-            f"{length} tokens, {rounds} rounds interleaved per segment: FAM/BSWA median of rounds "
+            f"{length} tokens, {rounds} rounds interleaved per segment, S0 {initial_state}: FAM/BSWA median of rounds "
             f"{summary['fam_over_bswa_median_of_rounds']:.3f} (95% interval {low:.3f}-{high:.3f}), ratio of median "
             f"passes {summary['fam_over_bswa_ratio_of_median_pass_times']:.3f}, median of {rounds * summary['segments']} "
             f"segment pairs {summary['fam_over_bswa_median_of_segment_pairs']:.3f}, multiply-add floor "
@@ -230,12 +250,12 @@ def run_segments(lengths: list[int], rounds: int) -> None:
             for index, (b, f) in enumerate(zip(bswa, fam)):
                 rows.append({"tokens": summary["tokens"], "round": round_index, "segment": index, "bswa_s": round(b, 4), "fam_s": round(f, 4)})
     print(f"Machine: {machine()}")
-    write_csv(RESULTS / "forward_cost_segments.csv", rows)
+    write_csv(RESULTS / f"{name}.csv", rows)
     write_json(results_json, {"machine": machine(), "settings": PAPER_SETTINGS, "ratios": summaries})
     from plot_results import plot_forward_cost_segments
 
-    plot_forward_cost_segments()
-    print(f"Wrote {RESULTS / 'forward_cost_segments.csv'}, forward_cost_segments.json and forward_cost_segments.png")
+    plot_forward_cost_segments(name)
+    print(f"Wrote {RESULTS / name}.csv, {name}.json and {name}.png")
 
 
 def memory_child(mode: str, length: int) -> float:
@@ -263,6 +283,10 @@ def main():
         help="what one timed call is: a whole pass (all three modes, and memory) or one segment (FAM/BSWA only, "
         "interleaved per segment; see above)",
     )
+    parser.add_argument(
+        "--reuse-initial-state", action="store_true",
+        help="--unit segment: run FAM inside model.reuse_initial_state(), S0 computed once (see above)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or min(args.lengths) < 1:
@@ -273,7 +297,7 @@ def main():
         if kind == "time":
             result = time_child(int(length), args.rounds, modes)
         elif kind == "segments":
-            result = segment_child(int(length), args.rounds)
+            result = segment_child(int(length), args.rounds, args.reuse_initial_state)
         else:
             result = memory_child(mode, int(length))
         print(json.dumps(result))
@@ -281,8 +305,10 @@ def main():
     if args.unit == "segment":
         if args.skip_base:
             parser.error("--skip-base is for --unit pass: --unit segment times BSWA and FAM only")
-        run_segments(args.lengths, args.rounds)
+        run_segments(args.lengths, args.rounds, args.reuse_initial_state)
         return
+    if args.reuse_initial_state:
+        parser.error("--reuse-initial-state is for --unit segment")
 
     modes = MODES[1:] if args.skip_base else MODES
     results_json = RESULTS / "forward_cost.json"

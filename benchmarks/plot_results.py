@@ -47,11 +47,11 @@ def plot_forward_cost():
     plt.close(fig)
 
 
-def plot_forward_cost_segments():
+def plot_forward_cost_segments(name: str = "forward_cost_segments"):
     """Left: each round's FAM/BSWA ratio (passes interleaved per segment), their median, the multiply-add floor and
     the 1.06 target. Middle: the median pair ratio of each segment index against its own floor. Right: every call's
     seconds in the order they ran, the machine's drift both modes share."""
-    results = json.loads((RESULTS / "forward_cost_segments.json").read_text())
+    results = json.loads((RESULTS / f"{name}.json").read_text())
     fig, axes = plt.subplots(len(results["ratios"]), 3, figsize=(15, 4 * len(results["ratios"])), squeeze=False)
     for (left, middle, right), summary in zip(axes, results["ratios"]):
         per_round = summary["fam_over_bswa_per_round"]
@@ -64,7 +64,8 @@ def plot_forward_cost_segments():
         left.axhline(1.06, color="black", linestyle="--", label="target 1.06")
         left.set_xlabel("round (one pass of each model)")
         left.set_ylabel("FAM / BSWA time")
-        left.set_title(f"{summary['tokens'] // 1024}k tokens, interleaved per segment")
+        reused = ", S0 reused" if summary.get("initial_state") == "reused" else ""
+        left.set_title(f"{summary['tokens'] // 1024}k tokens, interleaved per segment{reused}")
         left.legend(fontsize=8)
         by_segment = summary["fam_over_bswa_median_pair_by_segment"]
         middle.plot(range(len(by_segment)), by_segment, "o-", color=COLORS["fam"], label="median of the pairs")
@@ -84,7 +85,7 @@ def plot_forward_cost_segments():
         right.set_title("Each segment call")
         right.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, RESULTS / "forward_cost_segments.png")
+    save_figure(fig, RESULTS / f"{name}.png")
     plt.close(fig)
 
 
@@ -166,6 +167,7 @@ def plot_train_step():
 PLOTS = {
     "forward_cost.csv": plot_forward_cost,
     "forward_cost_segments.json": plot_forward_cost_segments,
+    "forward_cost_segments_reused.json": lambda: plot_forward_cost_segments("forward_cost_segments_reused"),
     "stream_memory_curve.csv": plot_stream_memory,
     "decode_speed.csv": plot_decode_speed,
     "train_step.csv": plot_train_step,

@@ -17,6 +17,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,7 +249,10 @@ def run_passkey(
         "results": [],
     }
     total = len(lengths) * len(depths) * trials * len(variants)
-    with tqdm(total=total, desc="passkey", unit="example", disable=not show_progress) as bar:
+    with ExitStack() as reusing, tqdm(total=total, desc="passkey", unit="example", disable=not show_progress) as bar:
+        for variant in variants:  # every example starts a stream of the same weights: S0 once, not once per example
+            if variant.streams:
+                reusing.enter_context(variant.model.reuse_initial_state())
         for length in lengths:
             for depth in depths:
                 examples = passkey_examples(tokenizer, length, depth, trials, seed, key_digits)

@@ -718,6 +718,13 @@ class FamPreTrainedModel(PreTrainedModel):
         init.copy_(module.weight, self.embed(ids.to(device)).to(module.weight.dtype))
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast
+        return False
+
+
 class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
     """A pretrained causal LM run as TransformerFAM: block sliding window attention plus feedback attention memory.
 
@@ -760,6 +767,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         # Mixture-of-experts families: what the base causal LM's forward needs for its router load-balancing loss.
         self._router = _router_settings(base_model, self.model)
         self._router_recording = None
+        # S0 kept between calls inside `reuse_initial_state()`: None outside it, else {(offset, attention): entry}.
+        self._reused_initial_states = None
         _register_peft_targets(config.text_config.model_type)
         self.post_init()
 
@@ -1078,7 +1087,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 # (random state passing hands in the previous training step's state, whose graph is gone).
                 cache.set_fam_state(tuple(state.detach().to(inputs_embeds.dtype) for state in fam_state))
             elif self.config.fam_length > 0 and cache.fam_state() is None:
-                if lazy_initial_state:
+                reused = self._reused_initial_state(batch, cache.position_offset)
+                if reused is not None:
+                    cache.set_fam_state(reused)
+                elif lazy_initial_state:
                     pending = self._initial_states(batch, cache.position_offset)
                     cache.layers[0].fam_state = next(pending)
                 else:
@@ -1110,6 +1122,67 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         """S0[l] for every layer l: the inputs of each layer when the FAM prompt alone runs through the decoder,
         with bidirectional attention among its F rows and positions -F .. -1 (+ offset). Each is (b, F, hidden)."""
         return tuple(self._initial_states(batch_size, position_offset))
+
+    @contextmanager
+    def reuse_initial_state(self):
+        """Compute the initial FAM state S0 once and reuse it for every new stream started inside the block.
+
+        S0 depends on the weights only (rule 1), yet every call that starts a stream computes it: the FAM prompt's
+        own pass through the decoder, F rows through every layer but the last. For many short streams (an
+        evaluation over many examples, a server answering one prompt after another) that pass is a visible share of
+        the cost: F/B of a block's rows, and more than the prompt itself when a prompt is shorter than F tokens.
+        Inside this block, S0 is computed by the first call that needs it and handed to the later ones::
+
+            with torch.no_grad(), model.reuse_initial_state():
+                for batch in batches:
+                    model(**batch)
+
+        The results are those of computing S0 in every call. The block is meant for weights that do not change
+        while it lasts; as a guard, S0 is computed again, not reused, when a call may need its gradient (grad mode
+        on and a parameter requiring grad), in training mode, under autocast, when the rows of a batch start at
+        different position offsets, or when a parameter or buffer was changed in place or replaced since (an
+        optimizer step, `load_state_dict`, a move to another device or dtype). Changes that touch no parameter
+        tensor are not seen: switch PEFT adapters (`set_adapter`, `disable_adapter`) outside the block, and
+        leave it around training steps whose updates happen elsewhere (DeepSpeed ZeRO-3 updates its own shards).
+        Leaving the outermost block forgets the kept states.
+        """
+        outermost = self._reused_initial_states is None
+        if outermost:
+            self._reused_initial_states = {}
+        try:
+            yield self
+        finally:
+            if outermost:
+                self._reused_initial_states = None
+
+    def _reused_initial_state(self, batch_size: int, position_offset: torch.Tensor | None):
+        """S0 for a new stream inside `reuse_initial_state()` (computed now if not kept yet), or None where it must be
+        computed for this call alone (outside the block, or whenever the docstring there says so)."""
+        kept = self._reused_initial_states
+        if kept is None or self.training:
+            return None
+        if position_offset is not None and not bool((position_offset == position_offset[0]).all()):
+            return None
+        if _autocast_enabled(self.input_device().type):
+            return None
+        tensors = [*self.parameters(), *self.buffers()]
+        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+            return None
+        try:
+            weights = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        except (RuntimeError, NotImplementedError):  # inference tensors have no version counter, some subclasses no pointer
+            return None
+        offset = 0 if position_offset is None else int(position_offset[0])
+        key = (offset, self.model.config._attn_implementation)
+        entry = kept.get(key)
+        if entry is None or entry[0] != weights:
+            if len(kept) >= 16:  # many offsets or implementations: keep the newest ones only
+                kept.clear()
+            states = tuple(state[:1] for state in self._initial_states(1, position_offset))
+            kept[key] = entry = (weights, states)
+        # Shared, not copied: a block's update makes each layer's state a new tensor (the test changing a cache's
+        # state in place checks that the kept one stays as it was).
+        return tuple(state.expand(batch_size, -1, -1) for state in entry[1])
 
     def _initial_states(self, batch_size: int, position_offset: torch.Tensor | None = None):
         """S0[0], S0[1], ..., S0[L-1] one at a time, each on its layer's device: asking for S0[l+1] runs layer l.

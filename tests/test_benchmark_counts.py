@@ -49,6 +49,11 @@ def test_multiply_add_floor_counts_what_the_layers_compute(fam_length, memory_se
     ids = random_ids(1, 44)  # five full blocks (the memory fills, then slides) and a partial one
     counted = _layer_multiply_adds_per_segment(model, ids, settings["block_size"])
     assert counted == segment_multiply_adds(base, ids.shape[1], **settings)
+    with torch.no_grad(), model.reuse_initial_state():  # --reuse-initial-state: S0 computed before the timed streams
+        model(ids[:, :1])
+        reused = _layer_multiply_adds_per_segment(model, ids, settings["block_size"])
+    assert reused == segment_multiply_adds(base, ids.shape[1], **settings, initial_state_pass=False)
+    assert (reused[0] < counted[0]) == (fam_length > 0) and reused[1:] == counted[1:]
 
 
 def test_torch_flop_counter_runs_on_a_fam_model_with_and_without_grad():

@@ -171,6 +171,30 @@ def test_eval_perplexity_fam_streams_like_one_pass_and_writes_results(fam_dir, t
     assert [r["metric"] for r in rows] == ["perplexity, tokens 1-149", "perplexity, tokens 101-149"]
 
 
+def test_passkey_computes_the_initial_state_once_with_the_scores_of_every_example(fam_dir, tmp_path, monkeypatch):
+    """Every example starts a new stream of the same weights: the evaluation reuses S0 (one FAM prompt pass for the
+    whole run, `reuse_initial_state`) and scores every example as a model computing S0 per example does."""
+    from hf_fam.modeling_fam import FamPrompt
+
+    passes = []
+    prompt_forward = FamPrompt.forward
+    monkeypatch.setattr(FamPrompt, "forward", lambda self, *args: passes.append(1) or prompt_forward(self, *args))
+    document = evaluation.run_passkey(
+        fam_dir, lengths=[16, 24], depths=[0.0, 1.0], trials=3, key_digits=2, output=tmp_path, show_progress=False,
+        log=lambda message: None,
+    )
+    assert len(passes) == 1
+    fam, tokenizer = evaluation.load_fam(fam_dir)
+    variant = evaluation.Variant("FAM", fam, True)
+    for result in document["results"]:
+        examples = evaluation.passkey_examples(tokenizer, result["filler_tokens"], result["depth"], 3, 0, 2)
+        chunk = fam.config.block_size * (fam.config.memory_segments + 1)  # the evaluation's default
+        scores = [evaluation.score_passkey(variant, example, chunk) for example in examples]
+        assert result["accuracy"] == sum(hit for hit, _ in scores) / 3
+        assert result["token_accuracy"] == pytest.approx(sum(tokens for _, tokens in scores) / 3, abs=1e-12)
+    assert len(passes) == 1 + 12  # computed per example outside the evaluation
+
+
 def test_interrupted_passkey_keeps_the_finished_lengths(fam_dir, tmp_path):
     def interrupt_after_first_length(message):
         raise KeyboardInterrupt
