@@ -1176,7 +1176,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         key = (offset, self.model.config._attn_implementation)
         entry = kept.get(key)
         if entry is None or entry[0] != weights:
-            if len(kept) >= 16:  # many offsets or implementations: keep the newest ones only
+            if len(kept) >= 16:  # many offsets or implementations: start over
                 kept.clear()
             states = tuple(state[:1] for state in self._initial_states(1, position_offset))
             kept[key] = entry = (weights, states)
