@@ -718,6 +718,11 @@ class FamPreTrainedModel(PreTrainedModel):
         init.copy_(module.weight, self.embed(ids.to(device)).to(module.weight.dtype))
 
 
+def _rows_share_offset(position_offset: torch.Tensor | None) -> bool:
+    """Whether every row of a new stream starts at the same position offset (so all start from the same S0)."""
+    return position_offset is None or bool((position_offset == position_offset[0]).all())
+
+
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -1087,14 +1092,20 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 # (random state passing hands in the previous training step's state, whose graph is gone).
                 cache.set_fam_state(tuple(state.detach().to(inputs_embeds.dtype) for state in fam_state))
             elif self.config.fam_length > 0 and cache.fam_state() is None:
-                reused = self._reused_initial_state(batch, cache.position_offset)
-                if reused is not None:
-                    cache.set_fam_state(reused)
+                slot = self._initial_state_slot(cache.position_offset)
+                kept = None if slot is None else self._reused_initial_states.get(slot[0])
+                if kept is not None and kept[0] == slot[1]:
+                    cache.set_fam_state(tuple(state.expand(batch, -1, -1) for state in kept[1]))
                 elif lazy_initial_state:
                     pending = self._initial_states(batch, cache.position_offset)
+                    if slot is not None:
+                        pending = self._keeping_initial_states(pending, slot)
                     cache.layers[0].fam_state = next(pending)
                 else:
-                    cache.set_fam_state(self.initial_fam_state(batch, cache.position_offset))
+                    states = self.initial_fam_state(batch, cache.position_offset)
+                    if slot is not None:
+                        self._keep_initial_states(slot, states)
+                    cache.set_fam_state(states)
         return cache, pending
 
     def _check_fam_state(self, fam_state, batch) -> None:
@@ -1155,13 +1166,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             if outermost:
                 self._reused_initial_states = None
 
-    def _reused_initial_state(self, batch_size: int, position_offset: torch.Tensor | None):
-        """S0 for a new stream inside `reuse_initial_state()` (computed now if not kept yet), or None where it must be
-        computed for this call alone (outside the block, or whenever the docstring there says so)."""
-        kept = self._reused_initial_states
-        if kept is None or self.training:
-            return None
-        if position_offset is not None and not bool((position_offset == position_offset[0]).all()):
+    def _initial_state_slot(self, position_offset: torch.Tensor | None):
+        """Inside `reuse_initial_state()`, where a new stream's S0 is kept: (key, fingerprint of the weights); None
+        where it must be computed for this call alone (outside the block, or whenever the docstring there says so)."""
+        if self._reused_initial_states is None or self.training or not _rows_share_offset(position_offset):
             return None
         if _autocast_enabled(self.input_device().type):
             return None
@@ -1173,22 +1181,32 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         except (RuntimeError, NotImplementedError):  # inference tensors have no version counter, some subclasses no pointer
             return None
         offset = 0 if position_offset is None else int(position_offset[0])
-        key = (offset, self.model.config._attn_implementation)
-        entry = kept.get(key)
-        if entry is None or entry[0] != weights:
-            if len(kept) >= 16:  # many offsets or implementations: start over
-                kept.clear()
-            states = tuple(state[:1] for state in self._initial_states(1, position_offset))
-            kept[key] = entry = (weights, states)
-        # Shared, not copied: a block's update makes each layer's state a new tensor (the test changing a cache's
-        # state in place checks that the kept one stays as it was).
-        return tuple(state.expand(batch_size, -1, -1) for state in entry[1])
+        return (offset, self.model.config._attn_implementation), weights
+
+    def _keep_initial_states(self, slot, states) -> None:
+        """Keep S0 (one tensor per layer, its rows all equal) for the streams that `slot` will match. The streams share
+        it, not copies: a block's update makes each layer's state a new tensor (the test changing a cache's state in
+        place checks that the kept one stays as it was)."""
+        kept = self._reused_initial_states
+        if len(kept) >= 16:  # many offsets or implementations: start over
+            kept.clear()
+        kept[slot[0]] = (slot[1], tuple(state[:1] for state in states))
+
+    def _keeping_initial_states(self, states, slot):
+        """The `_initial_states` iterator `states`, passed through (sends included); once it has given every layer's
+        S0, in the layer visits of a layer-major pass, they are kept for `slot`."""
+        given = [next(states)]
+        while True:
+            if len(given) == len(self.decoder_layers):
+                self._keep_initial_states(slot, given)
+            track = yield given[-1]
+            given.append(states.send(track))
 
     def _initial_states(self, batch_size: int, position_offset: torch.Tensor | None = None):
         """S0[0], S0[1], ..., S0[L-1] one at a time, each on its layer's device: asking for S0[l+1] runs layer l.
         Asked for with `send(track)`, layer l's input goes through `track` first (`_ShardedBackward.track`)."""
         fam_length = self.config.fam_length
-        if position_offset is None or bool((position_offset == position_offset[0]).all()):
+        if _rows_share_offset(position_offset):
             rows = 1  # S0 is the same for every row: compute it once
             offset = 0 if position_offset is None else position_offset[:1]
         else:

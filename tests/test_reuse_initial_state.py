@@ -3,7 +3,7 @@ every call, and computed again whenever reusing it could be wrong."""
 
 import pytest
 import torch
-from conftest import random_ids, tiny_base
+from conftest import assert_logits_close, random_ids, tiny_base
 from test_fam_core import randomize_fam
 
 import hf_fam
@@ -141,3 +141,38 @@ def test_nested_blocks_keep_the_state_until_the_outermost_ends():
     with torch.no_grad():
         fam(ids)
     assert passes.count == 2
+
+
+def test_an_offloaded_model_loads_each_layer_once_per_forward_inside_the_block(tmp_path):
+    """accelerate's disk offload puts new parameter objects in place at every load, so no kept S0 matches them and the
+    block computes S0 every call. It must do so in the layer visits of the layer-major pass ("auto" for an offloaded
+    model), as outside the block, not in a pass of its own that loads every layer once more."""
+    from transformers import AutoModelForCausalLM
+
+    fam = randomize_fam(
+        hf_fam.convert_to_fam(tiny_base("llama", num_hidden_layers=3), block_size=4, memory_segments=1, fam_length=2)
+    ).eval()
+    fam.save_pretrained(tmp_path / "model")
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head", "fam_prompt")}
+    device_map.update({"fam_gate": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    hook = model.model.layers[1].self_attn.q_proj._hf_hook
+    loads, pre_forward = [], hook.pre_forward
+
+    def counting(module, *args, **kwargs):
+        loads.append(hook.offload)  # a call that loaded the weights
+        return pre_forward(module, *args, **kwargs)
+
+    hook.pre_forward = counting
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        expected = fam(ids).logits
+        model(ids)
+        outside = sum(loads)
+        with model.reuse_initial_state():
+            for _ in range(2):
+                loads.clear()
+                assert_logits_close(model(ids).logits, expected)
+                assert sum(loads) == outside == 1
