@@ -68,17 +68,18 @@ def multiply_adds(
 ) -> int:
     """Multiply-adds of one forward pass's decoder layers (logits for one position: left out), counted as the kernels
     run them: every linear layer over every row a layer call gets (block rows, the F FAM rows of each block and the
-    FAM prompt's own pass), and attention as dense over the keys of the call's cache span (sdpa with a mask computes
-    masked pairs too): block queries over F + min(t, M) B + B keys, FAM queries over their own F + B (the two-call
-    sdpa; the prompt's pass left out with `initial_state_pass=False`, for a model reusing S0). The FAM/BSWA ratio
-    of these is the floor no implementation of the rules gets under."""
+    F rows of the FAM prompt, which compute S0 in the first segment's calls), and attention as dense over the keys
+    of the call's cache span (sdpa with a mask computes masked pairs too): block queries over F + min(t, M) B + B
+    keys, FAM queries over their own F + B (the two-call sdpa), the prompt's over the F FAM keys (their own call;
+    the prompt's rows left out with `initial_state_pass=False`, for a model reusing S0). The FAM/BSWA ratio of these
+    is the floor no implementation of the rules gets under."""
     return sum(segment_multiply_adds(base, length, block_size, memory_segments, fam_length, initial_state_pass))
 
 
 def segment_multiply_adds(
     base, length: int, block_size: int, memory_segments: int, fam_length: int, initial_state_pass=True
 ) -> list[int]:
-    """`multiply_adds` of each block segment of the pass (the FAM prompt's pass, if run, counted in the first)."""
+    """`multiply_adds` of each block segment of the pass, for one row (S0, if computed, in the first segment)."""
     layer = base.model.layers[0]
     linear = sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, __import__("torch").nn.Linear))
     config = base.config
@@ -91,11 +92,11 @@ def segment_multiply_adds(
         keys = F + min(t, M) * B + queries
         rows = queries + F
         pairs = queries * keys + F * (F + queries)
-        count = L * (rows * linear + pairs * per_pair)
         if F and t == 0 and initial_state_pass:
-            # S0: the prompt's pass through layers 0 .. L-2 (the last one's output is nobody's input)
-            count += (L - 1) * (F * linear + F * F * per_pair)
-        segments.append(count)
+            # S0, computed in this segment's calls (`FamForCausalLM._plan_segment`): F more rows where the block
+            # completes; else the FAM rows are the prompt's, seeing only the F FAM keys
+            rows, pairs = (rows + F, pairs + F * F) if queries == B else (rows, queries * keys + F * F)
+        segments.append(L * (rows * linear + pairs * per_pair))
     return segments
 
 

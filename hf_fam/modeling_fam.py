@@ -44,9 +44,11 @@ logger = logging.get_logger(__name__)
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
 # Rotary types whose frequencies depend on the current call's length: fixed once per model (rule 7).
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
-# Marker token index of FAM rows in the per-row index tables below; padding is -1, tokens are >= 0.
+# Marker token index of FAM rows in the per-row index tables below; padding is -1, tokens are >= 0; the FAM prompt's
+# query rows (a new stream's S0, computed in its first segment's calls) are -3.
 _FAM = -2
 _PAD = -1
+_PROMPT = -3
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; both spellings work here.
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # Keyword arguments of `forward` that go to the loss function (transformers' loss kwargs; the Trainer passes
@@ -319,6 +321,33 @@ class FamGate(nn.Module):
         return f"num_layers={self.weight.shape[0]}"
 
 
+class _PendingInitialState:
+    """A new stream's S0[1:] still to compute (S0[0], the FAM prompt, is in layer 0's state already). Either the
+    first segment's layer calls compute them, layer l's call giving S0[l+1] (`_plan_segment` says when; `add` takes
+    each), or the FAM prompt's own pass does (`states`, the rest of `_initial_states`: drained with `compute`, or
+    sent to layer by layer in a layer-major pass). `keep`, if not None, is handed all L states once they are known
+    (`reuse_initial_state`; the `states` iterator keeps its own)."""
+
+    def __init__(self, states, keep, layers: int):
+        self.states, self.keep, self.layers = states, keep, layers
+        self.given = []
+
+    def add(self, layer_idx: int, state: torch.Tensor, cache) -> None:
+        """S0[layer_idx + 1], computed by layer `layer_idx`'s call on the first segment: set in the cache."""
+        cache.layers[layer_idx + 1].fam_state = state
+        if self.keep is not None:
+            if not self.given:
+                self.given.append(cache.layers[0].fam_state)
+            self.given.append(state)
+            if len(self.given) == self.layers:
+                self.keep(self.given)
+
+    def compute(self, cache) -> None:
+        """Every S0[l] from the FAM prompt's own pass, set in the cache."""
+        for layer in cache.layers[1:]:
+            layer.fam_state = next(self.states)
+
+
 @dataclass
 class _Segment:
     """What every layer call of one segment (input columns in which no row crosses a block boundary) shares, built
@@ -328,7 +357,10 @@ class _Segment:
     `real_tokens` (b,) the row's tokens in the segment; `writes` where their keys go in the cache (the same slots in
     every layer); `all_complete` whether every row's block ends with it. `fam_rows`: whether the F FAM rows join the
     call; attention reads the F FAM slots and the first `span` window slots of the cache; the FAM queries see only
-    the FAM keys and the keys from slot `fam_key_start` on (their current block; 0 when that is every key). `masks`
+    the FAM keys and the keys from slot `fam_key_start` on (their current block; 0 when that is every key).
+    `initial_state`: on a new stream's first segment, the `_PendingInitialState` its calls compute, the call's first
+    F rows being the FAM prompt's (seeing the F FAM keys only), and `prompt_rows` (0 or F) how many rows the call
+    has for them before the FAM rows (0: the FAM rows are the prompt's, their update being unused). `masks`
     per sliding window (None: full attention), `position_embeddings` per layer type, `routed_rows` the rows a
     mixture-of-experts load-balancing loss counts. `on(device)` gives what a layer call uses, on that layer's device.
     """
@@ -344,6 +376,8 @@ class _Segment:
     masks: dict
     position_embeddings: dict
     routed_rows: torch.Tensor
+    initial_state: _PendingInitialState | None = None
+    prompt_rows: int = 0
     per_device: dict = field(default_factory=dict, repr=False)
 
     def on(self, device: torch.device) -> _SegmentOnDevice:
@@ -361,6 +395,8 @@ class _Segment:
                 span=self.span,
                 fam_key_start=self.fam_key_start,
                 fam_rows=self.fam_rows,
+                initial_state=self.initial_state,
+                prompt_rows=self.prompt_rows,
             )
         return self.per_device[device]
 
@@ -379,6 +415,8 @@ class _SegmentOnDevice:
     span: int
     fam_key_start: int
     fam_rows: bool
+    initial_state: _PendingInitialState | None
+    prompt_rows: int
 
 
 def _to_device(value, device):
@@ -667,6 +705,9 @@ class _BlockKeyValues:
         self.keys = self.values = None
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        # the FAM prompt's rows, if any, come first: their keys are the FAM rows' (the same rows and positions)
+        p = self.segment.prompt_rows
+        key_states, value_states = key_states[:, :, p:], value_states[:, :, p:]
         f = self.fam_length if self.segment.fam_rows else 0
         fam_kv = (key_states[:, :, :f], value_states[:, :, :f]) if f else None
         block_kv = (key_states[:, :, f:], value_states[:, :, f:])
@@ -1001,10 +1042,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         with self._flex_compile_settings(inputs_embeds.device):
             # one column (a decoding step) is one segment, the same calls in either order: skip the per-layer checks
             layer_major = columns > 1 and self._runs_layer_major()
-            # layer-major: S0[l+1] is computed by layer l while its weights are there for the block segments anyway
-            cache, initial_states = self._stream_cache(
-                cache, batch, inputs_embeds, fam_position_offset, fam_state, lazy_initial_state=layer_major
-            )
+            # A new stream's S0[l+1] is computed by layer l, in the first segment's call or next to it (_plan_segment)
+            cache, initial_states = self._stream_cache(cache, batch, inputs_embeds, fam_position_offset, fam_state)
             # Every layer's share of the cache on that layer's device, the counters on the input's (a no-op but for a
             # cache restored elsewhere or a model whose layers moved).
             cache.place(inputs_embeds.device, self.layer_devices(inputs_embeds.device))
@@ -1064,10 +1103,11 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             return nullcontext()
         return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
 
-    def _stream_cache(self, given, batch, inputs_embeds, fam_position_offset, fam_state, lazy_initial_state=False):
+    def _stream_cache(self, given, batch, inputs_embeds, fam_position_offset, fam_state):
         """The `FamCache` of the streams this call continues (a new one if `given` is None or an empty DynamicCache),
-        started if new, and, for a new stream, the initial state: set in every layer, or with `lazy_initial_state`
-        set in layer 0 only and returned as the iterator of the other layers' S0 (see `_initial_states`)."""
+        started if new, and, for a new stream, the initial state: S0 set in every layer when it is given (`fam_state`)
+        or kept (`reuse_initial_state`), else set in layer 0 only, the other layers' returned as a
+        `_PendingInitialState` for the pass to compute."""
         pending = None
         if given is None or (isinstance(given, DynamicCache) and given.get_seq_length() == 0):
             cache = self.new_cache()
@@ -1096,16 +1136,13 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 kept = None if slot is None else self._reused_initial_states.get(slot[0])
                 if kept is not None and kept[0] == slot[1]:
                     cache.set_fam_state(tuple(state.expand(batch, -1, -1) for state in kept[1]))
-                elif lazy_initial_state:
-                    pending = self._initial_states(batch, cache.position_offset)
-                    if slot is not None:
-                        pending = self._keeping_initial_states(pending, slot)
-                    cache.layers[0].fam_state = next(pending)
                 else:
-                    states = self.initial_fam_state(batch, cache.position_offset)
-                    if slot is not None:
-                        self._keep_initial_states(slot, states)
-                    cache.set_fam_state(states)
+                    states = self._initial_states(batch, cache.position_offset)
+                    keep = None if slot is None else partial(self._keep_initial_states, slot)
+                    if keep is not None:
+                        states = self._keeping_initial_states(states, slot)
+                    cache.layers[0].fam_state = next(states)
+                    pending = _PendingInitialState(states, keep, len(self.decoder_layers))
         return cache, pending
 
     def _check_fam_state(self, fam_state, batch) -> None:
@@ -1139,23 +1176,23 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         """Compute the initial FAM state S0 once and reuse it for every new stream started inside the block.
 
         S0 depends on the weights only (rule 1), yet every call that starts a stream computes it: the FAM prompt's
-        own pass through the decoder, F rows through every layer but the last. For many short streams (an
-        evaluation over many examples, a server answering one prompt after another) that pass is a visible share of
-        the cost: F/B of a block's rows, and more than the prompt itself when a prompt is shorter than F tokens.
-        Inside this block, S0 is computed by the first call that needs it and handed to the later ones::
+        F rows through the decoder, in the first block's layer calls or a pass of their own (`_plan_segment`). Where
+        the first block completes, that is F/B more of its rows; for many streams (an evaluation over many
+        examples, a server answering one prompt after another) a visible share of the cost. Inside this block, S0 is
+        computed by the first call that needs it and handed to the later ones::
 
             with torch.no_grad(), model.reuse_initial_state():
                 for batch in batches:
                     model(**batch)
 
-        The results are those of computing S0 in every call. The block is meant for weights that do not change
-        while it lasts; as a guard, S0 is computed again, not reused, when a call may need its gradient (grad mode
-        on and a parameter requiring grad), in training mode, under autocast, when the rows of a batch start at
-        different position offsets, or when a parameter or buffer was changed in place or replaced since (an
-        optimizer step, `load_state_dict`, a move to another device or dtype). Changes that touch no parameter
-        tensor are not seen: switch PEFT adapters (`set_adapter`, `disable_adapter`) outside the block, and
-        leave it around training steps whose updates happen elsewhere (DeepSpeed ZeRO-3 updates its own shards).
-        Leaving the outermost block forgets the kept states.
+        The results are those of computing S0 in every call, up to rounding (S0 computed in another call's kernel
+        calls). The block is meant for weights that do not change while it lasts; as a guard, S0 is computed again,
+        not reused, when a call may need its gradient (grad mode on and a parameter requiring grad), in training
+        mode, under autocast, when the rows of a batch start at different position offsets, or when a parameter or
+        buffer was changed in place or replaced since (an optimizer step, `load_state_dict`, a move to another
+        device or dtype). Changes that touch no parameter tensor are not seen: switch PEFT adapters (`set_adapter`,
+        `disable_adapter`) outside the block, and leave it around training steps whose updates happen elsewhere
+        (DeepSpeed ZeRO-3 updates its own shards). Leaving the outermost block forgets the kept states.
         """
         outermost = self._reused_initial_states is None
         if outermost:
@@ -1184,13 +1221,14 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         return (offset, self.model.config._attn_implementation), weights
 
     def _keep_initial_states(self, slot, states) -> None:
-        """Keep S0 (one tensor per layer, its rows all equal) for the streams that `slot` will match. The streams share
-        it, not copies: a block's update makes each layer's state a new tensor (the test changing a cache's state in
-        place checks that the kept one stays as it was)."""
+        """Keep S0 (one tensor per layer, its rows all equal) for the streams that `slot` will match: a copy of one
+        row (a state computed in a segment's call is a view of its whole output). The streams share it, not copies:
+        a block's update makes each layer's state a new tensor (the test changing a cache's state in place checks
+        that the kept one stays as it was)."""
         kept = self._reused_initial_states
         if len(kept) >= 16:  # many offsets or implementations: start over
             kept.clear()
-        kept[slot[0]] = (slot[1], tuple(state[:1] for state in states))
+        kept[slot[0]] = (slot[1], tuple(state[:1].clone() for state in states))
 
     def _keeping_initial_states(self, states, slot):
         """The `_initial_states` iterator `states`, passed through (sends included); once it has given every layer's
@@ -1213,6 +1251,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             rows, offset = batch_size, position_offset
         # Through the module's forward, not `.weight`: an offloaded prompt is on `meta` until its hook loads it.
         hidden = self.fam_prompt(rows)
+        devices = self.layer_devices(hidden.device)
+        track = yield hidden.to(devices[0]).expand(batch_size, -1, -1)
+        # S0[1:]: what follows is not run where the first segment's layer calls compute them (_plan_segment)
         device = hidden.device
         positions = torch.arange(-fam_length, 0, device=device)[None, :] + torch.as_tensor(offset).to(device).reshape(-1, 1)
         positions = positions.expand(rows, -1)
@@ -1222,9 +1263,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         )
         inputs = (mask, self._position_embeddings(hidden, positions), positions)
         per_device = {}  # what the layer calls read, moved once per device
-        devices = self.layer_devices(device)
         hidden = hidden.to(devices[0])
-        track = yield hidden.expand(batch_size, -1, -1)
         for layer_idx in range(len(devices) - 1):  # the last layer's output is nobody's input
             layer, layer_type, layer_device = self.decoder_layers[layer_idx], self.layer_types[layer_idx], devices[layer_idx]
             if layer_device not in per_device:
@@ -1253,7 +1292,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------- rules 2 to 6
     def _run_blocks(self, inputs_embeds, real, cache: FamCache, output_hidden_states: bool, layer_major=False, initial_states=None):
         """Run the input through the decoder block segment by block segment, continuing `cache`'s streams, in either
-        loop order (`initial_states`: the iterator of S0[1:] still to compute, layer-major only).
+        loop order (`initial_states`: a new stream's `_PendingInitialState`, or None).
 
         Returns the last layer's output on the block rows, (b, n, hidden), and, if asked, the block rows' hidden
         states after the embedding and after every layer.
@@ -1276,7 +1315,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             )
         else:
             hidden, all_hidden = self._run_block_major(
-                inputs_embeds, real, token_index, spans, cache, devices, gates, output_hidden_states
+                inputs_embeds, real, token_index, spans, cache, devices, gates, output_hidden_states, initial_states
             )
         if layout is not None:
             hidden = layout.scatter(hidden, columns)
@@ -1291,12 +1330,19 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             return order == "layer"
         return any(_gathered_per_call(layer) for layer in self.decoder_layers)
 
-    def _run_block_major(self, inputs_embeds, real, token_index, spans, cache, devices, gates, output_hidden_states):
+    def _run_block_major(
+        self, inputs_embeds, real, token_index, spans, cache, devices, gates, output_hidden_states, initial_states
+    ):
         """Each segment through every layer, then the next segment: the cache is ready to continue after every
         segment, and only one segment's masks are alive at a time."""
         outputs, hidden_per_layer = [], []
         for start, end, consumed in spans:
-            segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], inputs_embeds)
+            segment = self._plan_segment(
+                cache, token_index[:, start:end], real[:, start:end], inputs_embeds, initial_states
+            )
+            if initial_states is not None and segment.initial_state is None:
+                initial_states.compute(cache)  # S0 in the FAM prompt's own pass
+            initial_states = None
             hidden = inputs_embeds[:, start:end]
             seen = [hidden]
             for layer_idx, (layer, device) in enumerate(zip(self.decoder_layers, devices)):
@@ -1322,11 +1368,15 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         consecutive groups of segments, each group layer-major (one gather per layer and group)."""
         outputs, seen_per_group = [], []
         next_span = 0
+        first = initial_states  # a new stream's S0 to compute: only the first segment's calls can
         while next_span < len(spans):
             plans, mask_bytes = [], 0
             while next_span < len(spans) and (not plans or mask_bytes < self.layer_major_mask_budget):
                 start, end, consumed = spans[next_span]
-                segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], inputs_embeds)
+                segment = self._plan_segment(cache, token_index[:, start:end], real[:, start:end], inputs_embeds, first)
+                if segment.initial_state is not None:  # S0 computed by the segment's calls
+                    initial_states = None
+                first = None
                 slide = cache.sliding_rows(segment.completes)
                 plans.append((segment, slide if bool(slide.any()) else None, inputs_embeds[:, start:end]))
                 cache.advance_counters(segment.real_tokens, consumed, segment.fam_rows, segment.completes)
@@ -1365,7 +1415,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                     if slide is not None:
                         cache.slide_windows(slide, layer_indices=[layer_idx])
                 if initial_states is not None and layer_idx + 1 < len(devices):
-                    cache.layers[layer_idx + 1].fam_state = initial_states.send(track)  # runs this layer on S0[l]
+                    # runs this layer on S0[l], in the FAM prompt's own pass
+                    cache.layers[layer_idx + 1].fam_state = initial_states.states.send(track)
             if output_hidden_states:
                 seen.append(torch.cat(hidden, dim=1))
         for k in range(len(plans)) if recording is not None else ():
@@ -1373,7 +1424,15 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 recording.extend(recorded[k, layer_idx])
         return hidden, seen
 
-    def _plan_segment(self, cache: FamCache, token_index, real, inputs_embeds) -> _Segment:
+    def _plan_segment(self, cache: FamCache, token_index, real, inputs_embeds, initial_state=None) -> _Segment:
+        """What every layer call of one segment shares. `initial_state`: a new stream's S0 still to compute (then this
+        is its first segment). Its layer calls compute it where that costs no more rows than the FAM prompt's own
+        pass (`segment.initial_state` is set then): S0[l+1] is layer l's output on S0[l] with positions -F .. -1
+        and the F FAM rows as keys, which are the keys of S0[l] at those positions, so F query rows that see those
+        keys only give it. Where no row's block ends in the segment, those rows are the FAM rows themselves (the
+        update they would compute is not used); else F rows more, where the prompt's own pass would run F rows for
+        each row of the batch too (one row, or rows at different position offsets). Otherwise (a batch whose rows
+        share S0 and complete a block here) the caller runs the prompt's pass."""
         B, M, F = self.config.block_size, self.config.memory_segments, self.config.fam_length
         device = token_index.device
         count_before = cache.token_count
@@ -1390,13 +1449,25 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         fam_key_start = F + int(block.clamp(max=M).min()) * B if fam_rows and M > 0 else 0
 
         batch = token_index.shape[0]
+        prompt_rows = None
+        if initial_state is not None and fam_rows:
+            if not bool(completes.any()):
+                prompt_rows = 0
+            elif batch == 1 or not _rows_share_offset(cache.position_offset):
+                prompt_rows = F
         fam_index = torch.full((batch, F), _FAM, dtype=torch.long, device=device)
-        query_index = torch.cat([fam_index, token_index], 1) if fam_rows else token_index
+        fam_queries = [torch.full_like(fam_index, _PROMPT)] if prompt_rows is not None else []
+        if prompt_rows != 0:
+            fam_queries.append(fam_index)
+        query_index = torch.cat([*fam_queries, token_index], 1) if fam_rows else token_index
         key_index = torch.cat([fam_index, cache.slot_token_index(count_after, span)], 1)
 
-        fam_positions = block[:, None] * B - F + torch.arange(F, device=device)  # rule 2
+        # rule 2; on a new stream's first segment (block 0) also the FAM prompt's positions -F .. -1
+        fam_positions = block[:, None] * B - F + torch.arange(F, device=device)
         token_positions = token_index.clamp(min=0)
-        positions = torch.cat([fam_positions, token_positions], 1) if fam_rows else token_positions
+        positions = token_positions
+        if fam_rows:
+            positions = torch.cat([fam_positions] * len(fam_queries) + [token_positions], 1)
         position_ids = positions + cache.position_offset[:, None]
 
         masks = {}
@@ -1406,8 +1477,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                 mask_function, batch, query_index.shape[1], key_index.shape[1], inputs_embeds.dtype, device
             )
         # rows whose router logits count for a mixture-of-experts load-balancing loss: FAM rows of rows that have
-        # tokens in this segment, and real tokens
+        # tokens in this segment, and real tokens (the FAM prompt's rows, as in its own pass, not)
         has_tokens = (real_tokens > 0)[:, None].expand(-1, F)
+        if prompt_rows:
+            has_tokens = torch.cat([torch.zeros_like(has_tokens), has_tokens], 1)
         return _Segment(
             completes=completes,
             all_complete=fam_rows and bool(completes.all()),  # a host read, only where the FAM state is updated
@@ -1420,6 +1493,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             masks=masks,
             position_embeddings=self._position_embeddings(inputs_embeds, position_ids),
             routed_rows=torch.cat([has_tokens, token_index >= 0], 1) if fam_rows else token_index >= 0,
+            initial_state=None if prompt_rows is None else initial_state,
+            prompt_rows=prompt_rows or 0,
         )
 
     def _block_layer(
@@ -1430,7 +1505,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         `track`, if given, sees the call's input rows first (`_ShardedBackward.track`)."""
         F = self.config.fam_length
         state = cache.layers[layer_idx]
-        rows = torch.cat([state.fam_state, hidden], dim=1) if segment.fam_rows else hidden
+        if segment.initial_state is not None:  # S0[l], computed by the previous layer's call (on its device)
+            state.fam_state = state.fam_state.to(hidden.device)
+        fam = [state.fam_state] * (2 if segment.prompt_rows else 1)
+        rows = torch.cat([*fam, hidden], dim=1) if segment.fam_rows else hidden
         rows = rows if track is None else track(rows)
         source = (state.keys, state.values) if state.is_initialized else (None, None)
         # Decided here, outside any checkpoint: reentrant checkpointing runs its first pass without gradients.
@@ -1444,6 +1522,10 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         if recording is not None:
             recording.extend((logits, segment.routed_rows) for logits in router_logits)
         state.store(keys, values)
+        if segment.initial_state is not None:
+            if layer_idx + 1 < len(cache.layers):
+                segment.initial_state.add(layer_idx, output[:, :F], cache)
+            output = output[:, segment.prompt_rows :]
         if not segment.fam_rows:
             return output
         # Rule 5: the FAM rows' output is S[l] of the next block, only once the block is complete.
@@ -1466,7 +1548,8 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         mode (reentrant checkpointing carries gradients only through the function's inputs and outputs)."""
         source = None if keys is None else (keys, values)
         key_values = _BlockKeyValues(layer_cache, source, segment, self.config.fam_length, in_place)
-        split = self._attention_context(layer, rows, segment.fam_key_start)
+        prompt_rows = self.config.fam_length if segment.initial_state is not None else 0
+        split = self._attention_context(layer, rows, segment.fam_key_start, prompt_rows)
         with _captured_router_logits(layer, self._router if record_router else None) as router_logits, split as extra:
             output = self._call_layer(
                 layer,
@@ -1479,24 +1562,29 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
             )
         return (output, key_values.keys, key_values.values, *router_logits)
 
-    def _attention_context(self, layer, rows: torch.Tensor, fam_key_start: int = 0):
+    def _attention_context(self, layer, rows: torch.Tensor, fam_key_start: int = 0, prompt_rows: int = 0):
         """With sdpa, a context in which the layer's attention on `rows` (its input) is `_fam_sdpa_attention`: on a
         segment with memory, it computes the F FAM queries over the keys they can see (FAM slots and slots from
         `fam_key_start` on) and the block queries over all keys, in two calls of torch's kernel (the FAM queries skip
-        the memory segments' keys, which their mask hides anyway); on CPU, it lets the kernel share each key/value
-        head among its query heads. It yields the keyword arguments the layer passes on to its attention function.
-        The layers pick their attention function from the base configuration's name, so the name is switched for the
-        call only, and only where the call gains from it: setting a configuration's attribute costs tens of
-        microseconds, as much as a small layer call (a decoding step's one row)."""
+        the memory segments' keys, which their mask hides anyway); the first `prompt_rows` queries (the FAM prompt's,
+        on a new stream's first segment) over the F FAM keys alone, in a call of their own; on CPU, it lets the
+        kernel share each key/value head among its query heads. It yields the keyword arguments the layer passes on
+        to its attention function. The layers pick their attention function from the base configuration's name, so
+        the name is switched for the call only, and only where the call gains from it: setting a configuration's
+        attribute costs tens of microseconds, as much as a small layer call (a decoding step's one row)."""
         config = self.model.config
         if _user_implementation(config) != "sdpa":
             return nullcontext({})
-        split = fam_key_start > self.config.fam_length and _passes_attention_kwargs(layer)
-        # Without the split (or where the layer cannot pass its arguments on): one call over all queries, as the mask
+        passes_kwargs = _passes_attention_kwargs(layer)
+        split = fam_key_start > self.config.fam_length and passes_kwargs
+        prompt_rows = prompt_rows if passes_kwargs else 0
+        # Without the splits (or where the layer cannot pass its arguments on): one call over all queries, as the mask
         # says, through `_fam_sdpa_attention` for its grouped-query kernel call where that may apply
-        if not (split or (rows.shape[1] > 1 and rows.device.type == "cpu" and _TORCH_ENABLE_GQA)):
+        if not (split or prompt_rows or (rows.shape[1] > 1 and rows.device.type == "cpu" and _TORCH_ENABLE_GQA)):
             return nullcontext({})
         kwargs = {"fam_query_rows": self.config.fam_length, "fam_key_start": fam_key_start} if split else {}
+        if prompt_rows:
+            kwargs["prompt_query_rows"] = prompt_rows
         return _attention_implementation(config, _FAM_SDPA, kwargs)
 
     @staticmethod
@@ -1702,16 +1790,30 @@ _UNUSED_REQUIRED: dict[type, dict] = {}
 _FAM_SDPA = "hf_fam_sdpa"
 
 
-def _fam_sdpa_attention(module, query, key, value, attention_mask, *args, fam_query_rows=0, fam_key_start=0, **kwargs):
+def _fam_sdpa_attention(
+    module, query, key, value, attention_mask, *args, fam_query_rows=0, fam_key_start=0, prompt_query_rows=0, **kwargs
+):
     """transformers' sdpa attention function, run as two calls on a block segment with FAM rows: the first
     `fam_query_rows` (F) queries over the F FAM keys and the keys from `fam_key_start` on (those their mask lets them
     see), the other queries over all keys. The result equals one call over all queries (masked keys weigh zero); the FAM
     queries skip the memory segments' keys, and torch's CPU kernel, which shares (heads x 256-row query slices) among
-    the threads, no longer gets an uneven F-row tail in every head. Without the two arguments: sdpa as it is.
-    Where `_shares_key_value_heads` says so, each call is `_grouped_sdpa_attention`."""
+    the threads, no longer gets an uneven F-row tail in every head. Before those, with `prompt_query_rows` (P), the
+    first P queries (the FAM prompt's) over the first P keys (the FAM keys, all they see) in a call of their own.
+    Without these arguments: sdpa as it is. Where `_shares_key_value_heads` says so, each call is
+    `_grouped_sdpa_attention`."""
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if _shares_key_value_heads(module, query, attention_mask, args, kwargs):
         sdpa = _grouped_sdpa_attention
+    P = prompt_query_rows
+    if P and query.shape[2] > P and torch.is_tensor(attention_mask) and kwargs.get("position_bias") is None:
+        prompt_output, _ = sdpa(
+            module, query[:, :, :P], key[:, :, :P], value[:, :, :P], attention_mask[:, :, :P, :P], *args, **kwargs
+        )
+        rest, _ = _fam_sdpa_attention(
+            module, query[:, :, P:], key, value, attention_mask[:, :, P:], *args,
+            fam_query_rows=fam_query_rows, fam_key_start=fam_key_start, **kwargs,
+        )  # fmt: skip
+        return torch.cat([prompt_output, rest], 1), None
     F = fam_query_rows
     if not (F < fam_key_start < key.shape[2]) or query.shape[2] <= F or not torch.is_tensor(attention_mask):
         return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
@@ -1817,9 +1919,9 @@ _PASSES_KWARGS: dict[type, bool] = {}
 def _fam_mask_function(query_index, key_index, block, block_size, memory_segments, window):
     """Rule 4 as a transformers mask function (batch_idx, head_idx, q_idx, kv_idx) -> bool.
 
-    query_index (b, q) / key_index (b, k) hold each row's stream index of the query/key token, -2 for FAM rows and
-    -1 for padding or empty slots; block (b,) is the row's current block; window the base model's sliding window of
-    the layer, or None.
+    query_index (b, q) / key_index (b, k) hold each row's stream index of the query/key token, -2 for FAM rows, -3
+    for the FAM prompt's rows and -1 for padding or empty slots; block (b,) is the row's current block; window the
+    base model's sliding window of the layer, or None.
     """
 
     def mask_function(batch_idx, head_idx, q_idx, kv_idx):
@@ -1834,8 +1936,10 @@ def _fam_mask_function(query_index, key_index, block, block_size, memory_segment
         token_sees = query_is_token & (visible | key_is_fam)
         # FAM rows: all FAM rows and every token of the current block, later ones included; no memory segments
         fam_sees = query_is_fam & (key_is_fam | (key_is_token & (key // block_size == block[batch_idx])))
+        # the FAM prompt's rows (S0[l+1] from S0[l]): the FAM rows, bidirectionally, as in the prompt's own pass
+        prompt_sees = (query == _PROMPT) & key_is_fam
         # padding queries are never keys and their outputs are dropped; let them see anything (no empty softmax row)
-        return token_sees | fam_sees | (query == _PAD)
+        return token_sees | fam_sees | prompt_sees | (query == _PAD)
 
     return mask_function
 

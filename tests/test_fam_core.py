@@ -244,12 +244,12 @@ def test_sink_rows_match_reference_and_are_never_updated(family, fam_update):
     mask[1, :5] = 0  # left padding: that row completes its blocks at other columns
     with torch.no_grad():
         out = fam(ids, attention_mask=mask, use_cache=True)
-        start = fam(ids[:, :3], use_cache=True)  # no block completed: the state is S0
+        start = fam(ids[:, :3], use_cache=True)  # no block completed: the state is S0 (computed in that call's kernels)
     for row in range(2):
         keep = mask[row].bool()
         assert_logits_close(out.logits[row][keep], reference_logits(fam, ids[row][keep]), what=f"row {row}")
     for final, initial in zip(out.past_key_values.fam_state(), start.past_key_values.fam_state(), strict=True):
-        assert torch.equal(final[:, :2], initial[:, :2]), "a sink row was updated"
+        assert_logits_close(final[:, :2], initial[:, :2], what="the sink rows and S0")  # an update moves them far more
         assert not torch.allclose(final[:, 2:], initial[:, 2:]), "the memory row was not updated"
 
 

@@ -166,7 +166,7 @@ def test_what_layer_calls_read_is_moved_once_per_device_not_per_layer(monkeypatc
     with torch.no_grad():
         model(random_ids(1, 13))
     handle.remove()
-    segments = len(calls) - 1  # the FAM prompt's own pass (S0) calls the layers too
+    segments = len(calls)  # a new stream of one row computes S0 in its first segment's calls, no pass of its own
     assert segments == 4
     assert sorted(d.type for d in moved) == ["cpu"] * segments + ["meta"] * segments
 

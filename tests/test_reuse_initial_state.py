@@ -52,9 +52,12 @@ def test_reused_state_gives_the_outputs_of_computing_it_in_every_call(family, at
         with fam.reuse_initial_state():
             reused = run(fam, inputs)
         assert passes.count == 4  # the first new stream inside the block computed S0, the other two reused it
+    # S0 computed in one call's kernels and in another's: equal up to rounding (a stream's first segment computes it
+    # next to its own rows where that is cheaper, `_plan_segment`)
     for a, b in zip(reused, expected, strict=True):
-        assert torch.equal(a.logits, b.logits)
-        assert all(torch.equal(x, y) for x, y in zip(a.past_key_values.fam_state(), b.past_key_values.fam_state(), strict=True))
+        assert_logits_close(a.logits, b.logits)
+        for x, y in zip(a.past_key_values.fam_state(), b.past_key_values.fam_state(), strict=True):
+            assert_logits_close(x, y, what="FAM states")
     assert fam._reused_initial_states is None  # leaving the block forgets the state
 
 
