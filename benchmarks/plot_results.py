@@ -164,6 +164,25 @@ def plot_train_step():
     plt.close(fig)
 
 
+def plot_new_stream_cost():
+    data = json.loads((RESULTS / "new_stream_cost.json").read_text())
+    entries = data["lengths"]
+    modes = {"bswa": ("BSWA (F=0)", COLORS["bswa"]), "fam": ("FAM, S0 in the first block's calls", COLORS["fam"]),
+             "fam_own_pass": ("FAM, S0 in a pass of its own", "#ff9896")}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(modes)
+    for i, (mode, (label, color)) in enumerate(modes.items()):
+        positions = [x + (i - (len(modes) - 1) / 2) * width for x in range(len(entries))]
+        ax.bar(positions, [e["median_seconds"][mode] for e in entries], width, label=label, color=color)
+    ax.set_xticks(range(len(entries)), [f"{e['tokens']:,} tokens" for e in entries])
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("A new stream's first call, SmolLM2-135M (CPU), B=1024, F=64")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, RESULTS / "new_stream_cost.png")
+    plt.close(fig)
+
+
 PLOTS = {
     "forward_cost.csv": plot_forward_cost,
     "forward_cost_segments.json": plot_forward_cost_segments,
@@ -171,6 +190,7 @@ PLOTS = {
     "stream_memory_curve.csv": plot_stream_memory,
     "decode_speed.csv": plot_decode_speed,
     "train_step.csv": plot_train_step,
+    "new_stream_cost.json": plot_new_stream_cost,
 }
 
 
