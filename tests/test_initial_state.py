@@ -20,7 +20,8 @@ class LayerCalls:
 
 
 CASES = {
-    # name: (batch, columns, position offset, layer calls: the segments (block size 4), plus one of the prompt's pass)
+    # name: (batch, columns, position offset, layer calls: the segments (block size 4), plus one where the prompt's own
+    # pass runs)
     "shorter than a block": (1, 3, None, 1),
     "one row": (1, 10, None, 3),
     "rows at different offsets": (2, 10, torch.tensor([0, 3]), 3),
@@ -66,3 +67,25 @@ def test_the_first_segment_computes_s0_as_the_prompts_own_pass_does(family, attn
     if columns < 4:  # no block completed: the cache holds S0
         for got, want in zip(block.past_key_values.fam_state(), initial, strict=True):
             assert_logits_close(got, want, what="S0")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_gradients_through_s0_computed_in_the_first_block_are_the_prompts_own_pass_ones(checkpointing):
+    """One row computes S0 in its first block's calls; the same row twice (rows sharing S0, the block completing) in the
+    prompt's own pass: the same mean loss, so the same gradients, the FAM prompt's included."""
+    fam = tiny_fam(fam_update="gated").train()
+    if checkpointing:
+        fam.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ids = random_ids(1, 10, seed=6)
+    counter = LayerCalls(fam)
+    grads = []
+    for batch, calls in ((ids, 3), (ids.expand(2, -1), 4)):
+        fam.zero_grad()
+        start = counter.count
+        fam(batch, labels=batch).loss.backward()
+        assert checkpointing or counter.count - start == calls
+        grads.append({name: p.grad.clone() for name, p in fam.named_parameters() if p.grad is not None})
+    joined, own_pass = grads
+    assert joined.keys() == own_pass.keys() and "fam_prompt.weight" in joined
+    for name, grad in own_pass.items():
+        assert_logits_close(joined[name], grad, what=f"gradient of {name}")
