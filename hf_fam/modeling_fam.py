@@ -324,28 +324,35 @@ class FamGate(nn.Module):
 class _PendingInitialState:
     """A new stream's S0[1:] still to compute (S0[0], the FAM prompt, is in layer 0's state already). Either the
     first segment's layer calls compute them, layer l's call giving S0[l+1] (`_plan_segment` says when; `add` takes
-    each), or the FAM prompt's own pass does (`states`, the rest of `_initial_states`: drained with `compute`, or
-    sent to layer by layer in a layer-major pass). `keep`, if not None, is handed all L states once they are known
-    (`reuse_initial_state`; the `states` iterator keeps its own)."""
+    each), or the FAM prompt's own pass does (`states`, the rest of `_initial_states`: all at once with `compute`, or
+    layer by layer with `run_layer` in a layer-major pass). `keep`, if not None, is handed all L states once they are
+    known (`reuse_initial_state`)."""
 
-    def __init__(self, states, keep, layers: int):
+    def __init__(self, states, first: torch.Tensor, keep, layers: int):
         self.states, self.keep, self.layers = states, keep, layers
-        self.given = []
+        self.given = [first]
+        self._kept_when_complete()
+
+    def _kept_when_complete(self) -> None:
+        if self.keep is not None and len(self.given) == self.layers:
+            self.keep(self.given)
 
     def add(self, layer_idx: int, state: torch.Tensor, cache) -> None:
-        """S0[layer_idx + 1], computed by layer `layer_idx`'s call on the first segment: set in the cache."""
+        """S0[layer_idx + 1], computed by layer `layer_idx`: set in the cache."""
         cache.layers[layer_idx + 1].fam_state = state
         if self.keep is not None:
-            if not self.given:
-                self.given.append(cache.layers[0].fam_state)
             self.given.append(state)
-            if len(self.given) == self.layers:
-                self.keep(self.given)
+            self._kept_when_complete()
+
+    def run_layer(self, layer_idx: int, cache, track=None) -> None:
+        """S0[layer_idx + 1] from the FAM prompt's own pass (layer `layer_idx` run on S0[layer_idx], its input through
+        `track` first, if given)."""
+        self.add(layer_idx, self.states.send(track), cache)
 
     def compute(self, cache) -> None:
         """Every S0[l] from the FAM prompt's own pass, set in the cache."""
-        for layer in cache.layers[1:]:
-            layer.fam_state = next(self.states)
+        for layer_idx in range(self.layers - 1):
+            self.run_layer(layer_idx, cache)
 
 
 @dataclass
@@ -1138,11 +1145,9 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                     cache.set_fam_state(tuple(state.expand(batch, -1, -1) for state in kept[1]))
                 else:
                     states = self._initial_states(batch, cache.position_offset)
-                    keep = None if slot is None else partial(self._keep_initial_states, slot)
-                    if keep is not None:
-                        states = self._keeping_initial_states(states, slot)
                     cache.layers[0].fam_state = next(states)
-                    pending = _PendingInitialState(states, keep, len(self.decoder_layers))
+                    keep = None if slot is None else partial(self._keep_initial_states, slot)
+                    pending = _PendingInitialState(states, cache.layers[0].fam_state, keep, len(self.decoder_layers))
         return cache, pending
 
     def _check_fam_state(self, fam_state, batch) -> None:
@@ -1229,16 +1234,6 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
         if len(kept) >= 16:  # many offsets or implementations: start over
             kept.clear()
         kept[slot[0]] = (slot[1], tuple(state[:1].clone() for state in states))
-
-    def _keeping_initial_states(self, states, slot):
-        """The `_initial_states` iterator `states`, passed through (sends included); once it has given every layer's
-        S0, in the layer visits of a layer-major pass, they are kept for `slot`."""
-        given = [next(states)]
-        while True:
-            if len(given) == len(self.decoder_layers):
-                self._keep_initial_states(slot, given)
-            track = yield given[-1]
-            given.append(states.send(track))
 
     def _initial_states(self, batch_size: int, position_offset: torch.Tensor | None = None):
         """S0[0], S0[1], ..., S0[L-1] one at a time, each on its layer's device: asking for S0[l+1] runs layer l.
@@ -1415,8 +1410,7 @@ class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
                     if slide is not None:
                         cache.slide_windows(slide, layer_indices=[layer_idx])
                 if initial_states is not None and layer_idx + 1 < len(devices):
-                    # runs this layer on S0[l], in the FAM prompt's own pass
-                    cache.layers[layer_idx + 1].fam_state = initial_states.states.send(track)
+                    initial_states.run_layer(layer_idx, cache, track)  # in the FAM prompt's own pass
             if output_hidden_states:
                 seen.append(torch.cat(hidden, dim=1))
         for k in range(len(plans)) if recording is not None else ():
